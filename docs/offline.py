@@ -1,7 +1,9 @@
-"""Build what the docs pipeline builds, offline (no Quarto): processed notebooks, README.md from nbs/index.ipynb.
+"""Build what the docs pipeline builds, offline (no Quarto): processed notebooks, README.md from nbs/index.ipynb,
+and one HTML page per processed notebook (nbconvert standing in for Quarto).
 
     python docs/offline.py readme      # regenerate README.md from nbs/index.ipynb
     python docs/offline.py check       # fail if README.md is out of date
+    python docs/offline.py html        # render every notebook in _proc/ to docs/_site/<page>.html
 
 Where Quarto exists (the GitHub Pages workflow), `nbdev-docs` builds the site from the same notebooks.
 """
@@ -31,10 +33,53 @@ def readme_text():
     head = f"# {meta.get('title', 'fastboost')}\n\n<!-- generated from nbs/index.ipynb by `python docs/offline.py readme`: edit the notebook -->\n\n> {' '.join(str(meta.get('description', '')).split())}\n\n"
     return head + body + '\n'
 
+SITE = ROOT/'docs'/'_site'
+_re_quarto_attrs = re.compile(r'\)\{target="_blank"[^}]*\}')  # `[source](url){target=...}`: Quarto link attributes
+_re_directive = re.compile(r'^#\|.*\n?', re.M)
+
+def html_page(nb_path):
+    "`(file name, HTML)` of one processed notebook, rendered the way Quarto shows it: front matter as title, `echo: false` inputs hidden"
+    import nbformat, yaml
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+    nb = nbformat.read(nb_path, as_version=4)
+    meta = {}
+    if nb.cells and nb.cells[0].cell_type == 'raw' and nb.cells[0].source.startswith('---'):
+        meta = yaml.safe_load(nb.cells.pop(0).source.strip().strip('-')) or {}
+    title = meta.get('title', Path(nb_path).stem)
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}\n\n> {' '.join(str(meta.get('description', '')).split())}"))
+    for c in nb.cells:
+        for k in set(c) - {'cell_type', 'id', 'metadata', 'source', 'outputs', 'execution_count', 'attachments'}: del c[k]  # nbdev's own marks
+        c.metadata.pop('execution', None)  # execnb timings, not valid nbformat
+        if c.cell_type != 'code': continue
+        if re.search(r'^#\|\s*echo:\s*false', c.source, re.M): c.metadata.setdefault('tags', []).append('remove_input')
+        c.source = _re_directive.sub('', c.source)
+        for o in c.get('outputs', []):
+            md = o.get('data', {}).get('text/markdown')
+            if md: o['data']['text/markdown'] = _re_quarto_attrs.sub(')', ''.join(md))
+    cfg = Config()
+    cfg.TagRemovePreprocessor.update(enabled=True, remove_input_tags={'remove_input'})
+    cfg.HTMLExporter.update(exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = HTMLExporter(config=cfg).from_notebook_node(nb, resources={'metadata': {'name': title}})
+    return meta.get('output-file', Path(nb_path).stem + '.html'), body
+
+def html(out=SITE):
+    "Process the notebooks and render each one to `out`; returns the written pages"
+    d, out = proc(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob('*.html'): f.unlink()  # no page left from a removed notebook
+    pages = []
+    for nb in sorted(d.glob('*.ipynb')):
+        name, body = html_page(nb)
+        (out/name).write_text(body)
+        pages.append(out/name)
+    return pages
+
 if __name__ == '__main__':
     cmd = sys.argv[1] if len(sys.argv) > 1 else 'readme'
     if cmd == 'readme': (ROOT/'README.md').write_text(readme_text()); print('wrote README.md')
     elif cmd == 'check':
         if (ROOT/'README.md').read_text() != readme_text(): sys.exit('README.md is out of date: run `python docs/offline.py readme`')
         print('README.md is up to date')
+    elif cmd == 'html': print('\n'.join(map(str, html())))
     else: sys.exit(__doc__)
