@@ -25,7 +25,7 @@ _UNIT_PREDS: list = []              # (predicate, family name) for units recogni
 def register_blocks(
     *types:type,           # module classes that are one residual unit each
     family:str=None,       # name shown in error messages and `supported_families()`
-    pred=None,             # alternatively a function `module -> bool` that recognises a unit
+    pred:callable=None,    # alternatively a function `module -> bool` that recognises a unit
 ):
     "Teach `body_blocks` a new family of residual units"
     if not types and pred is None: raise ValueError("register_blocks needs unit types or `pred=`")

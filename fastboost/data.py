@@ -48,6 +48,7 @@ class _TensorDS(torch.utils.data.Dataset):
     def __init__(self, x, y): self.x, self.y, self.loss_func = x, y, CrossEntropyLossFlat()
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
+    def new_empty(self): return type(self)(self.x[:0], self.y[:0])   # what `Learner.export` keeps of the data
 
 def tensor_dls(
     x_train:torch.Tensor, # uint8 images (N, C, H, W) for training
@@ -78,7 +79,9 @@ def tensor_dls(
     dls.c = len(dls.vocab)
     return dls
 
-def ifnone_device(device): return default_device() if device is None else torch.device(device)
+def ifnone_device(device): # a device, its name, or None
+    "`device` as a `torch.device`, fastai's default device if None"
+    return default_device() if device is None else torch.device(device)
 
 # %% ../nbs/00_data.ipynb #c008
 def digits_tensors(
