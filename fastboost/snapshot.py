@@ -101,7 +101,7 @@ class SnapshotEnsemble(nn.Module):
 # %% ../nbs/04_snapshot.ipynb #c019
 class SnapshotEnsembleCallback(Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
-    order, run_valid = ParamScheduler.order, False
+    order, run_valid = ParamScheduler.order + 1, False
     _stateattrs = ('_lrn', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
     def _init_state(self): self._state, self._lrn, self._cache, self.snapshots = {}, None, {}, []
     def __init__(self,
