@@ -10,3 +10,10 @@ __all__ = []
 # %% ../nbs/99_all.ipynb #c002
 from .data import *
 from .blocks import *
+from .boost import *
+from .freezeout import *
+from .snapshot import *
+from . import data, blocks, boost, freezeout, snapshot
+
+# %% ../nbs/99_all.ipynb #c004
+__all__ = [n for m in (data, blocks, boost, freezeout, snapshot) for n in m.__all__]
