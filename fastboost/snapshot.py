@@ -25,7 +25,7 @@ from fastai.torch_core import get_model, rank_distrib
 # %% auto #0
 __all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback']
 
-# %% ../nbs/04_snapshot.ipynb #c006
+# %% ../nbs/04_snapshot.ipynb #c007
 def _n_warmup(warmup, n_iter):
     "Warm-up length in iterations from an int (iterations) or a float fraction of `n_iter`"
     if isinstance(warmup, float):
@@ -63,7 +63,7 @@ def snapshot_schedule(
     lrs += [sched_cos(1., 0., (t - s) / (e - s)) for s, e in zip(bounds[:-1], bounds[1:]) for t in range(s, e)]
     return np.array(lrs), [n_warm + e for e in bounds[1:]]
 
-# %% ../nbs/04_snapshot.ipynb #c014
+# %% ../nbs/04_snapshot.ipynb #c015
 def calibration_error(
     probs:torch.Tensor,   # (N, C) predicted probabilities
     targs:torch.Tensor,   # (N,) integer targets
@@ -84,21 +84,21 @@ def disagreement(
     cls = torch.stack([p.argmax(-1) for p in preds])
     return (cls[:, None] != cls[None]).float().mean(-1).numpy()
 
-# %% ../nbs/04_snapshot.ipynb #c017
+# %% ../nbs/04_snapshot.ipynb #c018
 class SnapshotEnsemble(nn.Module):
-    "Averages the softmax of `models`; returns the log of the average (or the average itself)"
+    "Averages the softmax of its models and returns the log of that average (or the average itself)"
     def __init__(self,
         models:list,        # the snapshots, as modules with the same input and output
         log:bool=True,      # return log-probabilities (fits fastai's cross-entropy and `get_preds`) instead of probabilities
         dim:int=-1,         # class dimension of the outputs
     ):
         super().__init__()
-        self.models, self.log, self.dim = nn.ModuleList(models), log, dim
+        self.models, self.log_out, self.dim = nn.ModuleList(models), log, dim   # not `self.log`: `Learner` would expose it to callbacks
     def forward(self, *x):
         p = torch.stack([m(*x).float().softmax(self.dim) for m in self.models]).mean(0)
-        return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log else p
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log_out else p
 
-# %% ../nbs/04_snapshot.ipynb #c019
+# %% ../nbs/04_snapshot.ipynb #c020
 class SnapshotEnsembleCallback(Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
@@ -176,7 +176,7 @@ class SnapshotEnsembleCallback(Callback):
         self._fitting = False
         if self._lrn is not None and self._lrn.opt is not None: self._lrn.opt.set_hyper('lr', self._lr0)
 
-# %% ../nbs/04_snapshot.ipynb #c020
+# %% ../nbs/04_snapshot.ipynb #c021
 def _atomic_save(obj, path:Path):
     "`torch.save` to a temporary file in the same folder, flushed, then renamed over `path`"
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
@@ -187,7 +187,7 @@ def _atomic_save(obj, path:Path):
     finally:
         if tmp.exists(): tmp.unlink()
 
-# %% ../nbs/04_snapshot.ipynb #c022
+# %% ../nbs/04_snapshot.ipynb #c023
 @patch
 def _learner(self:SnapshotEnsembleCallback):
     if self._lrn is None: raise ValueError("no snapshots yet: train with this callback first (`learn.fit(..., cbs=cb)`)")
@@ -260,7 +260,7 @@ def get_preds(self:SnapshotEnsembleCallback,
     probs, targs = self.snapshot_preds(dl, last, which)
     return torch.stack(probs).mean(0), targs
 
-# %% ../nbs/04_snapshot.ipynb #c024
+# %% ../nbs/04_snapshot.ipynb #c025
 def _nll(p, t): return F.nll_loss(p.clamp_min(1e-12).log(), t).item()
 def _acc(p, t): return (p.argmax(-1) == t).float().mean().item()
 
@@ -306,7 +306,7 @@ def ensemble(self:SnapshotEnsembleCallback,
         models.append(m)
     return SnapshotEnsemble(models, log=log).eval()
 
-# %% ../nbs/04_snapshot.ipynb #c026
+# %% ../nbs/04_snapshot.ipynb #c027
 @patch
 def average_weights(self:SnapshotEnsembleCallback,
     last=None,        # the last `last` snapshots (default: all), or 'best'
@@ -325,7 +325,7 @@ def average_weights(self:SnapshotEnsembleCallback,
     update_bn(learn.dls.train if bn_dl is None else bn_dl, swa)
     return swa.module.eval()
 
-# %% ../nbs/04_snapshot.ipynb #c028
+# %% ../nbs/04_snapshot.ipynb #c029
 @patch
 @delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult'])
 def fit_snapshot(self:Learner,
