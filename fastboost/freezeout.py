@@ -66,19 +66,19 @@ def _fwd_bwd(m, x):
     if out.requires_grad: out.float().sum().backward()
 
 def _costs(m, x):
-    "Forward, weight-gradient and input-gradient FLOPs of `m` on `x`"
+    "Forward FLOPs of `m` on `x`, backward FLOPs when `x` needs no gradient, and the extra for `x`'s gradient"
     fwd = _flops(lambda: m(x))
-    w = _flops(lambda: _fwd_bwd(m, x)) - fwd   # the input needs no gradient: weight gradients only
+    bwd = _flops(lambda: _fwd_bwd(m, x)) - fwd
     xg = x.detach().requires_grad_() if x.is_floating_point() else x
-    xb = _flops(lambda: _fwd_bwd(m, xg)) - fwd - w if xg.requires_grad else 0
-    return dict(fwd=fwd, bwd_w=w, bwd_x=max(xb, 0))
+    bx = _flops(lambda: _fwd_bwd(m, xg)) - fwd - bwd if xg.requires_grad else 0
+    return dict(fwd=fwd, bwd=bwd, bwd_x=max(bx, 0))
 
 def stage_costs(
     blocks:list,           # blocks from `body_blocks`
     x:torch.Tensor,        # a sample input batch (at least 2 items if the head has BatchNorm1d)
     model:nn.Module=None,  # the whole model: adds a row for what is not in a block (the head), never frozen
 ) -> pd.DataFrame:
-    "Forward, weight-gradient and input-gradient FLOPs of each block (and the rest of `model`), run in eval mode"
+    "Per block (and the rest of `model`): forward FLOPs, backward FLOPs without and extra FLOPs with the input's gradient"
     mods = ([model] if model is not None else []) + list(blocks)
     modes = [(m, m.training) for o in mods for m in o.modules()]
     for o in mods: o.eval()
@@ -87,9 +87,11 @@ def stage_costs(
         for b in blocks:
             rows.append(_costs(b, h))
             with torch.no_grad(): h = b(h)
-        if model is not None:
+        if model is not None:   # the rest: the whole model minus the blocks (whose inputs, but the first, need gradients)
             tot = _costs(model, x.detach())
-            rows.append({k: max(v - sum(r[k] for r in rows), 0) for k,v in tot.items()})
+            rows.append(dict(fwd=max(tot['fwd'] - sum(r['fwd'] for r in rows), 0),
+                             bwd=max(tot['bwd'] - sum(r['bwd'] for r in rows) - sum(r['bwd_x'] for r in rows[1:]), 0),
+                             bwd_x=0))
     finally:
         for m,t in modes: m.train(t)
         for o in mods:
@@ -102,7 +104,7 @@ def predicted_saving(
     n_iter:int,          # total training iterations
 ) -> float:
     "Fraction of the forward+backward FLOPs of training that freezing at `iters` saves"
-    F, W, X = (costs[c].to_numpy(dtype=float) for c in ('fwd', 'bwd_w', 'bwd_x'))
+    F, W, X = (costs[c].to_numpy(dtype=float) for c in ('fwd', 'bwd', 'bwd_x'))
     def cost(j): return F.sum() + W[j:].sum() + X[j+1:].sum()
     n = len(iters)
     frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')   # blocks frozen at iteration k
@@ -171,6 +173,7 @@ class FreezeOutCallback(Callback):
         for b in self.blocks[:self.n_frozen]: b.eval()   # `TrainEvalCallback` just put the whole model in train mode
 
     def before_batch(self):
+        self.k = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
         if self._costs is None: self._cost_model()
         while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k: self._freeze(self.n_frozen)
         t = self.k/self.total_iters
@@ -181,7 +184,6 @@ class FreezeOutCallback(Callback):
 
     def after_batch(self):
         if self.timing: self._times.append(self._now() - self._t)
-        self.k += 1
 
     def after_fit(self):
         if self._active: self._finish(); self.restore()
@@ -203,7 +205,7 @@ class FreezeOutCallback(Callback):
         self._costs = stage_costs(self.blocks, x, self.learn.model if len(x) > 1 else None)
         n = len(self.blocks)
         self.report['fwd_flops'] = self._costs.fwd[:n].to_numpy()
-        self.report['bwd_flops'] = (self._costs.bwd_w + self._costs.bwd_x)[:n].to_numpy()
+        self.report['bwd_flops'] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
         self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
 
     def _finish(self):
