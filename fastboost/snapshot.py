@@ -160,8 +160,8 @@ class SnapshotEnsembleCallback(Callback):
         if t in self._ends: self._take(self._ends.index(t) + 1, t)
 
     def _take(self, k, t):
-        rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1])
-        if rank_distrib() == 0:
+        rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
+        if rec['rank'] == 0:
             sd = {n: v.detach().to('cpu', copy=True) for n, v in get_model(self.learn.model).state_dict().items()}
             if self.storage == 'disk': rec['path'] = self._sdir / f'{self.fname}_{k}.pth'; _atomic_save(sd, rec['path'])
             else: rec['state'] = sd
@@ -216,7 +216,8 @@ def load_snapshot(self:SnapshotEnsembleCallback, k:int) -> dict:
     "The state dict of the snapshot of cycle `k` (1-based), from memory or disk"
     rec = self._select(which=[k])[0]
     if 'state' in rec: return rec['state']
-    if 'path' not in rec: raise ValueError(f"snapshot {k} is stored by rank 0 only; this is rank {rank_distrib()}")
+    if 'path' not in rec: raise ValueError(f"snapshot {k} was stored by the rank-0 process only (this one was rank {rec['rank']}): "
+                                           "predict with the snapshots on rank 0, or load the files it wrote")
     p = Path(rec['path'])
     if not p.exists(): raise FileNotFoundError(f"snapshot file {p} is missing (deleted or moved?): choose other snapshots with `which=`, or train again")
     try: return torch.load(p, map_location='cpu', weights_only=True)
@@ -306,7 +307,23 @@ def ensemble(self:SnapshotEnsembleCallback,
         models.append(m)
     return SnapshotEnsemble(models, log=log).eval()
 
-# %% ../nbs/04_snapshot.ipynb #c027
+# %% ../nbs/04_snapshot.ipynb #c026
+@patch
+def plot(self:SnapshotEnsembleCallback, figsize=(11, 3.5)):
+    "The learning rate per iteration with the snapshots marked, and the accuracy of each snapshot and of each ensemble"
+    import matplotlib.pyplot as plt
+    r = self.report
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=figsize)
+    a1.plot(self.lrs)
+    ends = [s['iter'] - 1 for s in self.snapshots if s['iter'] - 1 < len(self.lrs)]
+    a1.plot(ends, [self.lrs[i] for i in ends], 'o', label='snapshot')
+    a1.set(xlabel='iteration', ylabel='learning rate (last group)'); a1.legend()
+    a2.plot(r.index, r.accuracy, 'o-', label='snapshot alone')
+    a2.plot(r.index, r.ens_accuracy, 's-', label='ensemble of it and all later ones')
+    a2.set(xlabel='cycle', ylabel='accuracy', xticks=list(r.index)); a2.legend()
+    return fig
+
+# %% ../nbs/04_snapshot.ipynb #c028
 @patch
 def average_weights(self:SnapshotEnsembleCallback,
     last=None,        # the last `last` snapshots (default: all), or 'best'
@@ -325,7 +342,7 @@ def average_weights(self:SnapshotEnsembleCallback,
     update_bn(learn.dls.train if bn_dl is None else bn_dl, swa)
     return swa.module.eval()
 
-# %% ../nbs/04_snapshot.ipynb #c029
+# %% ../nbs/04_snapshot.ipynb #c030
 @patch
 @delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult'])
 def fit_snapshot(self:Learner,
