@@ -61,34 +61,49 @@ def _flops(f):
     with FlopCounterMode(display=False) as fc: f()
     return fc.get_total_flops()
 
+def _sync(): 
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+
+def _seconds(f, reps=3):
+    "Median wall-clock seconds of `f()` over `reps` runs, after one warm-up run"
+    f(); ts = []
+    for _ in range(reps):
+        _sync(); t = time.perf_counter(); f(); _sync(); ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+_MEASURES = {'flops': _flops, 'time': _seconds}
+
 def _fwd_bwd(m, x):
     out = m(x)
     if out.requires_grad: out.float().sum().backward()
 
-def _costs(m, x):
-    "Forward FLOPs of `m` on `x`, backward FLOPs when `x` needs no gradient, and the extra for `x`'s gradient"
-    fwd = _flops(lambda: m(x))
-    bwd = _flops(lambda: _fwd_bwd(m, x)) - fwd
+def _costs(m, x, measure=_flops):
+    "Forward cost of `m` on `x`, backward cost when `x` needs no gradient, and the extra for `x`'s gradient"
+    fwd = measure(lambda: m(x))
+    bwd = max(measure(lambda: _fwd_bwd(m, x)) - fwd, 0)
     xg = x.detach().requires_grad_() if x.is_floating_point() else x
-    bx = _flops(lambda: _fwd_bwd(m, xg)) - fwd - bwd if xg.requires_grad else 0
+    bx = measure(lambda: _fwd_bwd(m, xg)) - fwd - bwd if xg.requires_grad else 0
     return dict(fwd=fwd, bwd=bwd, bwd_x=max(bx, 0))
 
 def stage_costs(
     blocks:list,           # blocks from `body_blocks`
     x:torch.Tensor,        # a sample input batch (at least 2 items if the head has BatchNorm1d)
     model:nn.Module=None,  # the whole model: adds a row for what is not in a block (the head), never frozen
+    cost:str='flops',      # 'flops' (`torch.utils.flop_counter`) or 'time' (median seconds of 3 runs on this machine)
 ) -> pd.DataFrame:
-    "Per block (and the rest of `model`): forward FLOPs, backward FLOPs without and extra FLOPs with the input's gradient"
+    "Per block (and the rest of `model`): forward cost, backward cost without and extra cost with the input's gradient"
+    if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
+    measure = _MEASURES[cost]
     mods = ([model] if model is not None else []) + list(blocks)
     modes = [(m, m.training) for o in mods for m in o.modules()]
     for o in mods: o.eval()
     try:
         rows, h = [], x.detach()
         for b in blocks:
-            rows.append(_costs(b, h))
+            rows.append(_costs(b, h, measure))
             with torch.no_grad(): h = b(h)
         if model is not None:   # the rest: the whole model minus the blocks (whose inputs, but the first, need gradients)
-            tot = _costs(model, x.detach())
+            tot = _costs(model, x.detach(), measure)
             rows.append(dict(fwd=max(tot['fwd'] - sum(r['fwd'] for r in rows), 0),
                              bwd=max(tot['bwd'] - sum(r['bwd'] for r in rows) - sum(r['bwd_x'] for r in rows[1:]), 0),
                              bwd_x=0))
@@ -110,7 +125,7 @@ def predicted_saving(
     frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')   # blocks frozen at iteration k
     return 1 - sum(cost(min(j, n)) for j in frozen) / (n_iter*cost(0))
 
-# %% ../nbs/03_freezeout.ipynb #c012
+# %% ../nbs/03_freezeout.ipynb #c014
 class FreezeOutCallback(Callback):
     "FreezeOut (Brock et al. 2017): per-block cosine learning rates, each block frozen for real at its $t_i$"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
@@ -119,10 +134,12 @@ class FreezeOutCallback(Callback):
         t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
         schedule:str='cubic',  # 'linear', 'squared' or 'cubic' scaling of the freeze times
         scale_lr:bool=True,    # start block $i$ at lr/$t_i$, so every block gets the same total learning rate
+        cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
     ):
         _check_args(t0, schedule)
-        self.t0, self.schedule, self.scale_lr, self.timing = t0, schedule, scale_lr, timing
+        if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
+        self.t0, self.schedule, self.scale_lr, self.cost, self.timing = t0, schedule, scale_lr, cost, timing
         self.report, self.speedup, self._active = None, {}, False
 
     # fastai sets `cb.learn = None` in a `finally` when `fit(..., cbs=cb)` ends: after an exception (where fastai
@@ -201,11 +218,11 @@ class FreezeOutCallback(Callback):
         self.n_frozen = i+1
 
     def _cost_model(self):
-        x = self.xb[0][:8]
-        self._costs = stage_costs(self.blocks, x, self.learn.model if len(x) > 1 else None)
-        n = len(self.blocks)
-        self.report['fwd_flops'] = self._costs.fwd[:n].to_numpy()
-        self.report['bwd_flops'] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
+        x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
+        self._costs = stage_costs(self.blocks, x, self.learn.model if len(x) > 1 else None, self.cost)
+        n, u = len(self.blocks), '_flops' if self.cost == 'flops' else '_s'
+        self.report['fwd'+u] = self._costs.fwd[:n].to_numpy()
+        self.report['bwd'+u] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
         self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
 
     def _finish(self):
@@ -225,7 +242,7 @@ class FreezeOutCallback(Callback):
                 for m,t in ms: m.train(t)
         lrn.opt, self._old_opt, self._rg, self._modes = self._old_opt, None, [], {}
 
-# %% ../nbs/03_freezeout.ipynb #c014
+# %% ../nbs/03_freezeout.ipynb #c016
 @patch
 def fit_freezeout(self:Learner,
     n_epoch:int,           # number of epochs
@@ -233,11 +250,12 @@ def fit_freezeout(self:Learner,
     t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
     schedule:str='cubic',  # 'linear', 'squared' or 'cubic'
     scale_lr:bool=True,    # start block $i$ at lr/$t_i$
+    cost:str='flops',      # cost model for the predicted speed-up: 'flops' or 'time'
     wd:float=None,         # weight decay (default `learn.wd`)
     cbs=None,              # more callbacks for this fit
     reset_opt:bool=False,  # reset the optimizer first
 ) -> FreezeOutCallback:
     "Fit with FreezeOut; returns the callback, whose `report` and `speedup` describe the run"
-    cb = FreezeOutCallback(t0, schedule, scale_lr)
+    cb = FreezeOutCallback(t0, schedule, scale_lr, cost)
     self.fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
