@@ -102,8 +102,8 @@ class SnapshotEnsemble(nn.Module):
 class SnapshotEnsembleCallback(Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
-    _stateattrs = ('_lrn', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
-    def _init_state(self): self._state, self._lrn, self._cache, self.snapshots = {}, None, {}, []
+    _stateattrs = ('_lrn', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
+    def _init_state(self): self._state, self._lrn, self._model, self._cache, self.snapshots = {}, None, None, {}, []
     def __init__(self,
         n_cycles:int=5,            # cosine cycles, i.e. snapshots
         warmup:int|float=0,        # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
@@ -117,7 +117,7 @@ class SnapshotEnsembleCallback(Callback):
         _n_warmup(warmup, 10**9)  # type check now, length at fit time
         self.n_cycles, self.warmup, self.cycle_mult, self.reset_momentum = n_cycles, warmup, cycle_mult, reset_momentum
         self.storage, self.fname = save, fname
-        self.snapshots, self.lrs, self._cache, self._fitting, self._lrn = [], [], {}, False, None
+        self.snapshots, self.lrs, self._cache, self._fitting, self._lrn, self._model = [], [], {}, False, None, None
 
     # `fit` sets `cb.learn = None` in a `finally` when it removes the callback: the one hook that also runs after
     # exceptions fastai does not catch, so we restore the learner there if `after_fit` did not run.
@@ -142,7 +142,8 @@ class SnapshotEnsembleCallback(Callback):
             d.mkdir(parents=True, exist_ok=True)
             for p in d.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
                 if p.stem[len(self.fname) + 1:].isdigit(): p.unlink()
-        self._lrn, self._n_it, self._mults, self._ends = self.learn, n_it, lrs, ends
+            for p in d.glob(f'.{self.fname}_*.pth.*.tmp'): p.unlink()   # left by a killed process
+        self._lrn, self._model, self._n_it, self._mults, self._ends = self.learn, get_model(self.learn.model), n_it, lrs, ends
         self._lr0 = np.array([h['lr'] for h in self.learn.opt.hypers])
         self.snapshots, self.lrs, self._cache = [], [], {}
         self._fitting = True
@@ -170,7 +171,9 @@ class SnapshotEnsembleCallback(Callback):
     def after_fit(self):
         self._restore()
         rec = getattr(self.learn, 'recorder', None)
-        if rec is not None: rec.hps = {**getattr(rec, 'hps', {}), 'lr': self.lrs}   # `learn.recorder.plot_sched()` works
+        if rec is None: return
+        others = any(isinstance(c, ParamScheduler) for c in self.learn.cbs)   # their hps are from this fit: keep them
+        rec.hps = {**(getattr(rec, 'hps', {}) if others else {}), 'lr': self.lrs}   # `learn.recorder.plot_sched()` works
 
     def _restore(self):
         self._fitting = False
@@ -233,7 +236,7 @@ def snapshot_preds(self:SnapshotEnsembleCallback,
 ) -> tuple:
     "Probabilities of each chosen snapshot (a list) and the targets, with `learn.get_preds`"
     learn, recs = self._learner(), self._select(last, which)
-    model = get_model(learn.model)
+    model, old_model = self._model, learn.model   # the trained model, even if `learn.model` was replaced since
     act = getcallable(learn.loss_func, 'activation')
     if act is None or act is noop: act = partial(F.softmax, dim=-1)   # a loss without activation: the paper's softmax
     probs, targs, orig = [], None, None
@@ -244,11 +247,13 @@ def snapshot_preds(self:SnapshotEnsembleCallback,
             else:
                 if orig is None: orig = {n: v.detach().clone() for n, v in model.state_dict().items()}
                 model.load_state_dict(self.load_snapshot(key))
+                learn.model = model
                 p, targs = learn.get_preds(dl=dl, act=act)[:2]
                 if dl is None: self._cache[key] = (p, targs)
             probs.append(p)
     finally:
         if orig is not None: model.load_state_dict(orig)
+        learn.model = old_model
     return probs, targs
 
 @patch
@@ -302,7 +307,7 @@ def ensemble(self:SnapshotEnsembleCallback,
     learn, recs = self._learner(), self._select(last, which)
     models = []
     for r in recs:
-        m = deepcopy(get_model(learn.model))
+        m = deepcopy(self._model)
         m.load_state_dict(self.load_snapshot(r['cycle']))
         models.append(m)
     return SnapshotEnsemble(models, log=log).eval()
@@ -334,7 +339,7 @@ def average_weights(self:SnapshotEnsembleCallback,
     warnings.warn("average_weights averages weights, not predictions: it is not the Snapshot Ensembles method, and "
                   "across restarts the average can be much worse than any snapshot. Check its accuracy before using it.")
     learn, recs = self._learner(), self._select(last, which)
-    m = deepcopy(get_model(learn.model))
+    m = deepcopy(self._model)
     swa = AveragedModel(m)   # a copy to average into; the first `update_parameters` overwrites it
     for r in recs:
         m.load_state_dict(self.load_snapshot(r['cycle']))
