@@ -1,0 +1,59 @@
+"""The `fastboost-bench` command end to end: every arm on a tiny digits subset in spawned processes, a well-formed
+JSON and table; bad arguments exit non-zero with a clear message. (nbs/05_bench.ipynb tests the pieces.)"""
+import json, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ARMS = ['e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot']
+# resnet18 (9 blocks) at 16 px on 64 images, batch 8, 2 epochs: 16 iterations, enough for FreezeOut's one per block
+TINY = ['--arch', 'resnet18', '--size', '16', '--subset', '64', '--test-subset', '64', '--bs', '8', '--epochs', '2']
+
+def cli():
+    "The installed console script, else `python -m fastboost.bench`"
+    script = Path(sys.executable).parent/'fastboost-bench'
+    return [str(script)] if script.exists() else [sys.executable, '-m', 'fastboost.bench']
+
+def test_every_arm_end_to_end(tmp_path):
+    out = tmp_path/'out'
+    r = subprocess.run([sys.executable, '-m', 'fastboost.bench', *TINY, '--out', str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads((out/'bench.json').read_text())
+    assert [row['arm'] for row in res['rows']] == ARMS + ['snapshot-ens2']
+    assert res['errors'] == {}
+    for row in res['rows']:
+        assert 0 <= row['train_acc'] <= 1 and 0 <= row['test_acc'] <= 1, row
+        assert row['train_s'] > 0 and row['peak_mb'] >= 0, row
+    rows = {row['arm']: row for row in res['rows']}
+    assert rows['boost+e2e']['train_s'] > rows['boost']['train_s']   # fine-tuning continues the boost phase's clock
+    assert res['config']['seed'] == 0 and res['config']['arch'] == 'resnet18'
+    assert res['memory'].startswith('CPU')
+    # per-epoch curves of every arm, BoostResNet's per-block table, the snapshot ensemble curve
+    for arm in ARMS: assert res['curves'][arm], arm
+    blocks = res['extra']['boost_blocks']
+    assert len(blocks) == res['extra']['n_blocks'] == 9 and all('valid_acc' in b for b in blocks)
+    assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2]
+    for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png'):
+        assert f in res['figures'] and (out/f).stat().st_size > 1000
+    # the markdown table, printed and written, with e2e as the reference of the ratios
+    table = (out/'bench.md').read_text()
+    assert table.strip() == res['table'].strip() and res['table'] in r.stdout
+    assert table.splitlines()[2].startswith('| e2e |') and table.splitlines()[2].endswith('| 1.00 | 1.00 |')
+
+@pytest.mark.parametrize('args,msg', [
+    (['--arch', 'resnet5000'], 'unknown arch'),
+    (['--dataset', 'cifar10', '--data', '/no/such/folder'], 'does not exist'),
+    (['--subset', '100000'], 'larger than the data (1438 images)'),
+    (['--arms', 'e2e,bogus'], 'unknown arm(s) bogus'),
+    (['--epochs', '0'], 'must be at least 1'),
+])
+def test_bad_arguments(args, msg, capsys, tmp_path):
+    from fastboost.bench import main
+    with pytest.raises(SystemExit) as e: main(args + ['--out', str(tmp_path/'out')])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path/'out').exists()   # nothing written for a run that never started
+
+def test_bad_argument_exit_status_from_the_shell(tmp_path):
+    r = subprocess.run(cli() + ['--arch', 'resnet5000'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'fastboost-bench: error: unknown arch' in r.stderr, r.stderr[-2000:]
