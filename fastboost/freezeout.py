@@ -178,9 +178,9 @@ class FreezeOutCallback(Callback):
         splitter = lrn.splitter
         try: lrn.splitter = block_splitter; lrn.create_opt()
         finally: lrn.splitter = splitter
-        for h,v in hypers.items():
-            if h != 'lr': lrn.opt.set_hyper(h, v)
         self.n_groups = len(lrn.opt.param_lists)
+        for h,v in hypers.items():   # what `fit` or the user set on the old optimizer (wd, mom, ...), as is: no `L()` of tuples/None
+            if h != 'lr' and lrn.opt.hypers[-1].get(h, None) != v: lrn.opt._set_hyper(h, [v]*self.n_groups)
         self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks],
                                         params=[sum(p.numel() for p in b.parameters()) for b in blocks],
                                         t_freeze=self.times, freeze_iter=self.iters, lr0=self.block_lr0))
