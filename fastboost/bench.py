@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/bench.html.md"""
 
 # %% ../nbs/05_bench.ipynb #c002
 from __future__ import annotations
-import argparse, hashlib, json, math, os, platform, resource, sys, time, traceback
+import argparse, hashlib, json, math, os, platform, resource, sys, time, traceback, warnings
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -36,6 +36,9 @@ DATASET_DEFAULTS = {
     'cifar10': dict(size=32, bs=512, epochs=30, opt='sgd',  lr=0.1,  aug=True),
     'svhn':    dict(size=32, bs=512, epochs=10, opt='adam', lr=1e-3, aug=False),
 }
+
+# each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
+warnings.filterwarnings('ignore', message=".*found in sys.modules after import of package", category=RuntimeWarning)
 
 class BenchError(ValueError):
     "A bad argument or missing data: `main` prints its message and exits with status 2"
@@ -219,6 +222,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--test-subset', type=int, help="evaluate on a seeded random subset of this many test images")
     a('--seed', type=int, default=0)
     a('--device', help="cpu or cuda (default: cuda when available)")
+    a('--threads', type=int, help="torch CPU threads per arm (default: torch's; use 1 on a machine shared with other jobs)")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
@@ -328,6 +332,7 @@ def run_job(
     "Train `arms` on fresh data and model (same seed for every job); rows for the table and extra figures"
     from fastai.vision.learner import vision_learner
     cfg = dict(cfg); dev, out = cfg['device'], Path(cfg['out'])
+    if cfg.get('threads'): torch.set_num_threads(cfg['threads'])
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
     mem = PeakMemory(dev).start()
@@ -451,6 +456,13 @@ def _jobs(arms):
     if boost: jobs.append(boost)
     return jobs + [[a] for a in arms if a in ('freezeout', 'snapshot')]
 
+def _mp_context():
+    "A fresh process per job: forked from a server that imported this module once (Linux, macOS), else spawned"
+    if 'forkserver' not in mp.get_all_start_methods(): return mp.get_context('spawn')
+    ctx = mp.get_context('forkserver')
+    ctx.set_forkserver_preload(['fastboost.bench'])   # torch/fastai imported once, not once per arm; no CUDA state
+    return ctx
+
 def _errmsg(e):
     msg = f'{type(e).__name__}: {e}'
     return msg if str(e) else msg + ' ' + ''.join(traceback.format_exception(e)[-3:])
@@ -466,7 +478,8 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"cycles {args.cycles}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, seed {args.seed}",
+          f"cycles {args.cycles}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__
     res = dict(config=cfg, rows=[], curves={}, extra={}, errors={}, memory=None,
@@ -477,7 +490,7 @@ def run_bench(
         print(f"\n== {' + '.join(job)} ({i+1}/{len(_jobs(args.arms))}) ==", flush=True)
         try:
             if spawn:
-                with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn')) as ex: r = ex.submit(fb.run_job, job, cfg).result()
+                with ProcessPoolExecutor(1, mp_context=_mp_context()) as ex: r = ex.submit(fb.run_job, job, cfg).result()
             else: r = fb.run_job(job, cfg)
         except Exception as e:
             msg = _errmsg(e); print(f'{job} failed: {msg}', file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@ import pytest
 
 ARMS = ['e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot']
 # resnet18 (9 blocks) at 16 px on 64 images, batch 8, 2 epochs: 16 iterations, enough for FreezeOut's one per block
-TINY = ['--arch', 'resnet18', '--size', '16', '--subset', '64', '--test-subset', '64', '--bs', '8', '--epochs', '2']
+TINY = ['--arch', 'resnet18', '--size', '16', '--subset', '64', '--test-subset', '64', '--bs', '8', '--epochs', '2',
+        '--threads', '1']   # one thread: a tiny model on a shared CI machine
 
 def cli():
     "The installed console script, else `python -m fastboost.bench`"
