@@ -1,0 +1,90 @@
+"""Each callback under fastai's distributed training (`learn.distrib_ctx()`: Accelerate + DDP) with 2 CPU processes
+(gloo), launched once by `torchrun --standalone --nproc_per_node 2 tests/_ddp_worker.py`: ranks end with identical
+weights, and those equal a one-process run on the same global batches (16 = 2 ranks x 8) to 1e-4 of the distance the
+weights moved. The model has GroupNorm instead of BatchNorm and no dropout, so the two runs compute the same thing
+(SyncBatchNorm is GPU-only). `DistributedDL._broadcast` moves its tensor to CUDA: the worker overrides it (tests only)."""
+import os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+
+pytest.importorskip('accelerate', reason="fastai's distributed training needs accelerate (a dev dependency)")
+import _ddp_worker as W
+from _tiny import max_diff
+
+NAMES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']   # expected failures last
+
+@pytest.fixture(scope='module')
+def ddp(tmp_path_factory):
+    "Results of the 2-process runs: {name: (rank 0, rank 1)}"
+    out = tmp_path_factory.mktemp('ddp')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(Path(__file__).parent/'_ddp_worker.py'), str(out), *NAMES],
+                       capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {n: tuple(torch.load(out/f'{n}_rank{k}.pth', weights_only=False) for k in (0, 1)) for n in NAMES}
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+    "The same fits in this process, as {name: (state dict, parameter names)}"
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    res = {}
+    try:
+        for name in ['none', 'snapshot', 'freezeout']:   # boost: its distributed run fails first (no reference needed)
+            learn, _ = W.run(name, world=1, path=tmp_path_factory.mktemp('single'))
+            res[name] = ({k: v.detach().clone() for k, v in learn.model.state_dict().items()},
+                         [k for k, _ in learn.model.named_parameters()], W.init)
+    finally: torch.set_num_threads(n)
+    res['freezeout_fup'], res['snapshot_disk'] = res['freezeout'], res['snapshot']
+    return res
+
+def _ok(ddp, name):
+    for r in ddp[name]: assert r['error'] is None, r['error'][-1500:]
+    return ddp[name]
+
+def _rel_gap(a, b, w0, keys):
+    "||a - b|| / ||b - w0|| over the parameters `keys`"
+    n = lambda x, y: sum(((x[k].float() - y[k].float())**2).sum() for k in keys).sqrt().item()
+    return n(a, b) / n(b, w0)
+
+BOOST_XFAIL = pytest.mark.xfail(strict=True, reason=
+    "BoostResNetCallback swaps learn.model for a new, unwrapped _Stage at each stage: DistributedTrainer wrapped only "
+    "stage 0 (before_fit), so later stages would train unsynchronised; the run dies at DistributedTrainer.before_validate "
+    "(`_Stage` has no `.device`), and after_fit would unwrap the restored user model (`.module`)")
+FREEZE_XFAIL = pytest.mark.xfail(strict=True, reason=
+    "FreezeOut sets requires_grad=False on a frozen block after DDP registered its parameters: DDP (without "
+    "find_unused_parameters) waits for their gradients and raises 'Expected to have finished reduction in the prior "
+    "iteration' at the next forward")
+CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', pytest.param('boost', marks=BOOST_XFAIL),
+         pytest.param('freezeout', marks=FREEZE_XFAIL)]
+
+@pytest.mark.parametrize('name', CASES)
+def test_ranks_identical(ddp, name):
+    r0, r1 = _ok(ddp, name)
+    assert r0['model_type'] == r1['model_type'] == 'Sequential'   # the user's model, unwrapped after the fit
+    assert max_diff(r0['init'], r1['init']) == 0
+    assert max_diff(r0['state'], r1['state']) == 0
+
+@pytest.mark.parametrize('name', CASES)
+def test_matches_single_process(ddp, single, name):
+    r0, _ = _ok(ddp, name)
+    ws, keys, w0 = single[name]
+    assert max_diff(r0['init'], w0) == 0
+    gap = _rel_gap(r0['state'], ws, w0, keys)
+    assert gap < 1e-4, f"DDP and one process differ by {gap:.2e} of the distance the weights moved"
+
+def test_snapshots_rank0_memory(ddp):
+    "save='memory': rank 0 keeps the snapshots; rank 1 knows them and says clearly where they are"
+    r0, r1 = _ok(ddp, 'snapshot')
+    assert r0['snapshots'] == r1['snapshots'] == [1, 2]
+    assert all(isinstance(v, dict) for v in r0['loaded'].values())
+    assert all(isinstance(v, str) and 'rank-0' in v for v in r1['loaded'].values()), r1['loaded']
+
+@pytest.mark.xfail(strict=True, reason=
+    "save='disk': only rank 0 records the file path (`_take` sets rec['path'] on rank 0) and `_sdir` exists on rank 0 "
+    "only, so rank 1 cannot load the files rank 0 wrote: load_snapshot raises 'stored by the rank-0 process only'")
+def test_snapshots_every_rank_loads_disk(ddp):
+    r0, r1 = _ok(ddp, 'snapshot_disk')
+    for k in (1, 2):
+        assert isinstance(r1['loaded'][k], dict), r1['loaded'][k]
+        assert max_diff(r0['loaded'][k], r1['loaded'][k]) == 0
