@@ -218,11 +218,15 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
     a('--lr', type=float, help="e2e peak learning rate (default: dataset)")
     a('--block-lr', type=float, default=1e-3, help="BoostResNet learning rate (AdamW)")
+    a('--ft-lr', type=float, help="boost+e2e fine-tuning peak learning rate (default: --lr / 10)")
     a('--subset', type=int, help="train on a seeded random subset of this many training images")
     a('--test-subset', type=int, help="evaluate on a seeded random subset of this many test images")
     a('--seed', type=int, default=0)
     a('--device', help="cpu or cuda (default: cuda when available)")
     a('--threads', type=int, help="torch CPU threads per arm (default: torch's; use 1 on a machine shared with other jobs)")
+    a('--aug', action=argparse.BooleanOptionalAction, help="random pad-crop-flip for training (default: dataset)")
+    a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
+      help="BoostResNet feature cache: auto = only without augmentation; on = cache one augmented view per image")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
@@ -237,6 +241,7 @@ def parse_args(
         if getattr(args, k, None) is None: setattr(args, k, v)
     if args.ft_epochs is None: args.ft_epochs = max(1, round(args.epochs/4))
     if args.cycles is None: args.cycles = min(5, args.epochs)
+    if args.ft_lr is None: args.ft_lr = args.lr / 10
     for k in ('epochs', 'block_epochs', 'ft_epochs', 'cycles', 'bs', 'size'):
         if getattr(args, k) < 1: raise BenchError(f"--{k.replace('_','-')} must be at least 1")
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -350,7 +355,7 @@ def run_job(
         if train_acc is None: train_acc = float(learn.validate(dl=train_dl)[1])
         res['rows'].append(dict(arm=arm, train_acc=train_acc, test_acc=test_acc, train_s=round(clock.elapsed, 3),
                                 peak_mb=round(mem.peak()/2**20, 1)))
-        res['curves'][arm] = list(clock.curve)
+        if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
     lr, epochs = cfg['lr'], cfg['epochs']
     if arms == ['e2e']:
         learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
@@ -359,7 +364,7 @@ def run_job(
         Boost = _import_cb(arms[0], 'boost', 'BoostResNetCallback')
         n_blocks = len(body_blocks(learn.model))
         learn.opt_func, learn.opt = _opt_func('adam'), None   # the study: AdamW defaults for the blocks
-        cb = Boost(loss='ce')
+        cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')])
         learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
         res['extra']['boost_blocks'] = _records(cb.report)
         res['extra']['n_blocks'] = n_blocks
@@ -369,7 +374,7 @@ def run_job(
         if 'boost' in arms: row('boost')
         if 'boost+e2e' in arms:
             learn.opt_func, learn.opt = _opt_func(cfg['opt']), None
-            learn.fit_one_cycle(cfg['ft_epochs'], lr)
+            learn.fit_one_cycle(cfg['ft_epochs'], cfg['ft_lr'])
             row('boost+e2e')
     elif arms == ['freezeout']:
         FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
@@ -478,7 +483,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"cycles {args.cycles}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__

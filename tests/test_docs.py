@@ -10,7 +10,10 @@ def public_symbols():
     "`(module, name)` for everything `from fastboost.all import *` brings in: the `__all__` of each module it star-imports"
     tree = ast.parse((ROOT/'fastboost'/'all.py').read_text())
     mods = [f'fastboost.{n.module}' for n in tree.body if isinstance(n, ast.ImportFrom) and n.level == 1 and n.names[0].name == '*']
-    return [(m, nm) for m in ['fastboost.all'] + mods for nm in importlib.import_module(m).__all__]
+    syms = [(m, nm) for m in mods for nm in importlib.import_module(m).__all__]
+    extra = set(importlib.import_module('fastboost.all').__all__) - {nm for _, nm in syms}
+    assert not extra, f'fastboost.all exports {sorted(extra)} that no star-imported module defines'
+    return syms
 
 @pytest.fixture(scope='module')
 def site():
@@ -28,6 +31,10 @@ def test_every_notebook_renders(site):
 def _text(s):
     "Visible text of an HTML fragment, whitespace collapsed"
     return ' '.join(html.unescape(re.sub(r'<[^>]+>', ' ', s)).split())
+
+def _squash(s):
+    "Text without backticks and whitespace: rendered code spans and tags move the spaces around punctuation"
+    return re.sub(r'\s+', '', s.replace('`', ''))
 
 def _entry(page, name):
     "The rendered show_doc output for `name`: its heading up to the end of its cell"
@@ -50,7 +57,7 @@ def entry_problems(site, mod, name):
     text, res = _text(entry), []
     doc = inspect.getdoc(obj)
     if not doc: res.append(f'{mod}.{name} has no docstring')
-    elif ' '.join(doc.replace('`', '').split()) not in text.replace('`', ''): res.append(f'{mod}.{name}: docstring not in its doc entry: {text}')
+    elif _squash(doc) not in _squash(text): res.append(f'{mod}.{name}: docstring not in its doc entry: {text}')
     try: params = inspect.signature(obj).parameters
     except (TypeError, ValueError): params = []
     # some metaclasses (fastai's Transform) leave `self` in a class's signature
