@@ -6,18 +6,19 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import math, time
+import math, os, time, warnings
+from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch, ifnone, store_attr
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelFitException, CancelBatchException
 from fastai.callback.core import TrainEvalCallback
 from fastai.callback.schedule import combined_cos, ParamScheduler, LRFinder
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
-from fastai.torch_core import params, to_device
+from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit
 
 # %% auto #0
@@ -107,6 +108,10 @@ class _Stage(nn.Module):
             with torch.no_grad(): self.s = self.alpha * self.prev_head(x).float().softmax(-1)
         return self.head(self.block(x))
 
+class _Unwrapped(nn.Module):
+    "The user's model as `.module`: what fastai's `DistributedTrainer.after_fit` unwraps after the last stage"
+    def __init__(self, m): super().__init__(); self.module = m
+
 class _BoostLossFunc:
     "The boosting loss of a stage, with the scores its frozen previous module left in `stage.s`"
     def __init__(self, stage): self.stage = stage
@@ -153,12 +158,15 @@ class BoostResNetCallback(Callback):
         patience:int=2,          # checks without improvement before a 'plateau' stop
         n_checks:int=8,          # validation checks per stage for 'plateau'
         gamma_stop:float=None,   # with loss='boost': end the phase when a block's gamma falls below this
+        checkpoint:str=None,     # file name (under `learn.path/learn.model_dir`) to save the state to at each block's end
+        resume:bool=False,       # start after the last block saved in `checkpoint`, as if the fit had not been interrupted
     ):
         if loss not in ('ce', 'boost'): raise ValueError(f"loss must be 'ce' or 'boost', got {loss!r}")
         if sched not in ('one_cycle', 'cos', 'const'): raise ValueError(f"sched must be 'one_cycle', 'cos' or 'const', got {sched!r}")
         if stop not in (None, 'plateau'): raise ValueError(f"stop must be None or 'plateau', got {stop!r}")
         if gamma_stop is not None and loss != 'boost': raise ValueError("gamma_stop needs loss='boost' (gamma is the boosting edge)")
         if offload and cache is False: raise ValueError("offload=True needs the feature cache: use cache=True or 'auto'")
+        if resume and not checkpoint: raise ValueError("resume=True needs the checkpoint's file name: checkpoint='boost', as in the run to resume")
         store_attr(but='loss')
         self.loss_type = loss   # `self.loss` would shadow the learner's loss
         self.records, self._active, self.learner = [], False, None
@@ -175,10 +183,15 @@ class BoostResNetCallback(Callback):
             raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
                              f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
         learn = self.learner = self.learn
+        ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
+        self._dt = next((cb for cb in learn.cbs if type(cb).__name__ == 'DistributedTrainer'), None)
         self.user_model = learn.model
         body, self.final_head = _split_model(self.user_model)
         self.blocks = body_blocks(body)
-        n_iter, total = len(learn.dls.train), len(learn.dls.train) * learn.n_epoch
+        n_iter = len(learn.dls.train)
+        if self._dt is not None and type(learn.dls.train).__name__ != 'DistributedDL':
+            n_iter = math.ceil(n_iter / num_distrib())   # DistributedTrainer (order 11) splits the batches after us
+        total = n_iter * learn.n_epoch
         self.device = next(self.user_model.parameters()).device
         self.do_cache = _deterministic(learn.dls.train) if self.cache == 'auto' else bool(self.cache)
         # what we change, to put back in after_fit
@@ -204,13 +217,20 @@ class BoostResNetCallback(Callback):
             if len(b) != K: raise ValueError(f"budget lists {len(b)} stages for {K} blocks")
             ints = all(isinstance(v, (int, np.integer)) for v in b) and sum(b) == total
             self.iters = b if ints else split_budget(total, K, b)  # iterations summing to the total, else weights
-        self.ends = np.cumsum(self.iters).tolist()
+        self.ends, self._iters0 = np.cumsum(self.iters).tolist(), list(self.iters)
         self.lr_max = learn.opt.hypers[-1]['lr']
-        self.records, self.edge_prev, self.alpha_prev, self.k = [], 0., 0., -1
+        self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to = [], 0., 0., -1, 0
         if self.do_cache: self._build_cache()
-        self._start_stage(0)
+        first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
+        self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
+        try: self._start_stage(first)
+        finally: self._in_before_fit = False
 
-    def after_fit(self): self._restore()
+    def after_fit(self): self._restore(ddp_shell=True)
+
+    def restore(self):
+        "Put the learner back as it was before the fit: for a callback kept in `learn.cbs` after an error ended a fit"
+        self._restore()
 
     def __setattr__(self, name, value):
         # fastai sets `cb.learn = None` when it removes a callback passed to `fit`, also when fit dies on an
@@ -218,7 +238,7 @@ class BoostResNetCallback(Callback):
         if name == 'learn' and value is None and getattr(self, '_active', False): self._restore()
         super().__setattr__(name, value)
 
-    def _restore(self):
+    def _restore(self, ddp_shell=False):
         "Put back the user's model, optimizer, loss, requires_grad flags, train/eval modes and devices"
         if not getattr(self, '_active', False): return
         self._active = False
@@ -228,6 +248,8 @@ class BoostResNetCallback(Callback):
         for p, d in sv['devices'].items():
             if p.device != d: p.data = p.data.to(d)
         learn.model, learn.opt, learn.loss_func = sv['model'], sv['opt'], sv['loss_func']
+        # DistributedTrainer.after_fit (order 11, after ours) unwraps `learn.model.module`
+        if ddp_shell and self._dt is not None and self._dt in learn.cbs: learn.model = _Unwrapped(sv['model'])
         if getattr(learn, 'dl', None) in (getattr(self, '_train_idx', None), getattr(self, '_valid_idx', None)): learn.dl = None
         self._feats = None
 
@@ -248,7 +270,9 @@ class BoostResNetCallback(Callback):
             for p in self.user_model.parameters(): p.data = p.data.cpu()
             for h in self.heads: h.cpu()
             for m in (block, head) + ((prev,) if prev is not None else ()): m.to(self.device)
-        learn.model = self.stage
+        learn.model = self.stage if (self._dt is None or self._in_before_fit) else self._ddp(self.stage)
+        self._stage_start = {k: v.detach().to('cpu', copy=True) for k, v in self.stage.block.state_dict().items()}, \
+                            {k: v.detach().to('cpu', copy=True) for k, v in self.stage.head.state_dict().items()}
         learn.loss_func = _BoostLossFunc(self.stage) if self.loss_type == 'boost' else self._saved['loss_func']
         learn.opt = learn.opt_func([params(block), params(head)], lr=self.lr_max)
         if learn.wd is not None: learn.opt.set_hypers(wd=learn.wd)
@@ -263,6 +287,11 @@ class BoostResNetCallback(Callback):
         if pb is not None and getattr(pb, 'mbar', None) is not None:
             pb.mbar.main_bar.comment = f'block {k+1}/{len(self.blocks)}'
 
+    def _ddp(self, m):
+        "`m` prepared for distributed training the way `DistributedTrainer.before_fit` prepares a model"
+        dt = self._dt
+        return dt.accelerator.prepare(nn.SyncBatchNorm.convert_sync_batchnorm(m) if dt.sync_bn else m)
+
     def _end_stage(self):
         learn, k = self.learner, self.k
         vloss, vacc, num, den = self._evaluate()
@@ -276,6 +305,7 @@ class BoostResNetCallback(Callback):
             self.edge_prev = edge
         rec['peak_mem_mb'] = torch.cuda.max_memory_allocated(self.device)/2**20 if self.device.type == 'cuda' else float('nan')
         self.records.append(rec)
+        if self.checkpoint: self._save_checkpoint()
 
     def _evaluate(self, max_batches=None):
         "Loss, accuracy and edge numerator/denominator of the current stage on the validation set"
@@ -301,6 +331,11 @@ class BoostResNetCallback(Callback):
         if self.do_cache: self.learn.dl = self._valid_idx
 
     def before_batch(self):
+        if self.learn.training and self.learn.train_iter < self._skip_to:
+            # resumed: iterations of the blocks already trained, skipped batch by batch so that the data order and
+            # augmentation of the batches that follow are those of the uninterrupted run
+            self.learn.yb = ()   # Recorder logs nothing for it
+            raise CancelBatchException()
         if self.do_cache:
             idx = self.learn.xb[0].cpu()
             feats = self._feats[0] if self.learn.training else self._feats[1]
@@ -312,7 +347,8 @@ class BoostResNetCallback(Callback):
             self.learn.opt.set_hyper('lr', self._lr(min(pos, 1.)))
 
     def after_batch(self):
-        if not self.learn.training: return
+        if not self.learn.training or self.learn.train_iter <= self._skip_to: return
+        if not torch.isfinite(self.learn.loss): self._non_finite()
         y = self.learn.yb[0]
         self._loss_sum, self._nb = self._loss_sum + self.learn.loss.detach(), self._nb + 1   # summed on device: no sync per batch
         self._correct += (self.learn.pred.detach().argmax(-1) == y).sum()
@@ -322,6 +358,16 @@ class BoostResNetCallback(Callback):
             every = max(1, self.iters[self.k] // self.n_checks)
             if (done - self._start_it) % every == 0 and self._plateaued(): self._skip_rest()
         if done >= self.ends[self.k]: self._next()
+
+    def _non_finite(self):
+        "A NaN/inf loss: the step just made broke the training block; put it back as it was when its stage began, and stop"
+        bsd, hsd = self._stage_start
+        self.stage.block.load_state_dict(bsd); self.stage.head.load_state_dict(hsd)
+        msg = (f"BoostResNetCallback: non-finite loss ({float(self.learn.loss)}) at iteration {self.learn.train_iter} "
+               f"in block {self.k}: stopped; blocks 0-{self.k-1} are kept as trained, block {self.k} as it was before its "
+               f"stage. Lower the learning rate, or add gradient clipping (fastai's GradientClip), and run again.")
+        warnings.warn(msg)
+        raise CancelFitException(msg)
 
     def _plateaued(self):
         vloss = self._evaluate(max_batches=8)[0]
@@ -355,7 +401,7 @@ class BoostResNetCallback(Callback):
         self._feats, self._ys = xs, ys
         bs, tdl = learn.dls.train.bs, learn.dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
-        self._train_idx = DataLoader(ds(len(ys[0])), bs=bs, shuffle=True, drop_last=tdl.drop_last, device=self.device)
+        self._train_idx = DataLoader(ds(len(ys[0])), bs=bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=self.device)
         self._valid_idx = DataLoader(ds(len(ys[1])), bs=learn.dls.valid.bs, shuffle=False, device=self.device)
         if len(self._train_idx) != len(tdl):
             raise RuntimeError(f"the cached loader has {len(self._train_idx)} batches per epoch, the learner's {len(tdl)}: use cache=False")
@@ -378,6 +424,50 @@ class BoostResNetCallback(Callback):
             for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
         else:
             for x, y in self.learner.dls.valid: yield x, y
+
+    # --- checkpoint and resume -------------------------------------------------------------------------------------
+    @property
+    def checkpoint_file(self) -> Path:
+        "Where `checkpoint` is saved: `learn.path/learn.model_dir/{checkpoint}.pth`"
+        learn = self.learner or self.learn
+        return Path(learn.path)/learn.model_dir/f'{self.checkpoint}.pth'
+
+    def _save_checkpoint(self):
+        "The state after block `self.k`, written atomically (temp file, then rename) by the rank-0 process"
+        if rank_distrib() != 0: return
+        f = self.checkpoint_file; f.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(k=self.k, iters0=self._iters0, iters=list(self.iters), model=self.user_model.state_dict(),
+                     heads=[h.state_dict() for h in self.heads[:-1]], records=self.records,
+                     edge_prev=self.edge_prev, alpha_prev=self.alpha_prev, loss=self.loss_type)
+        tmp = f.with_name(f'.{f.name}.{os.getpid()}.tmp')
+        torch.save(state, tmp); os.replace(tmp, f)
+
+    def _load_checkpoint(self):
+        f = self.checkpoint_file
+        if not f.exists(): raise FileNotFoundError(f"resume=True but there is no checkpoint {f}: run the fit with "
+                                                   f"checkpoint={self.checkpoint!r} first (or without resume)")
+        try: return torch.load(f, map_location='cpu', weights_only=False)
+        except Exception as e: raise RuntimeError(f"checkpoint {f} cannot be read ({type(e).__name__}: {e}): delete it and run without resume") from e
+
+    def _apply_checkpoint(self, ck):
+        "Load the blocks, heads and records of a checkpoint; the first stage to train"
+        if ck['iters0'] != self._iters0 or ck['loss'] != self.loss_type:
+            self._restore()
+            raise ValueError(f"checkpoint {self.checkpoint_file} was saved by a fit with stages of {ck['iters0']} iterations "
+                             f"and loss={ck['loss']!r}, this fit has {self._iters0} and loss={self.loss_type!r}: resume with "
+                             f"the same n_epoch, data, batch size, budget and loss")
+        self.user_model.load_state_dict(ck['model'])
+        for h, sd in zip(self.heads, ck['heads']): h.load_state_dict(sd)
+        self.records, self.edge_prev, self.alpha_prev = list(ck['records']), ck['edge_prev'], ck['alpha_prev']
+        self.iters = list(ck['iters']); self.ends = np.cumsum(self.iters).tolist()   # as shortened by a 'plateau' stop
+        k = ck['k'] + 1
+        if k >= len(self.blocks):
+            self._restore()
+            raise CancelFitException(f"checkpoint {self.checkpoint_file}: every block is trained already; its weights are loaded")
+        self._skip_to = self.ends[k-1]
+        if self.do_cache:
+            for j in range(1, k): self._advance_cache(j)   # _start_stage(k) runs block k-1
+        return k
 
     # --- results ---------------------------------------------------------------------------------------------------
     @property

@@ -30,7 +30,7 @@ def single(tmp_path_factory):
     n = torch.get_num_threads(); torch.set_num_threads(1)
     res = {}
     try:
-        for name in ['none', 'snapshot', 'freezeout']:   # boost: its distributed run fails first (no reference needed)
+        for name in ['none', 'snapshot', 'freezeout', 'boost']:
             learn, _ = W.run(name, world=1, path=tmp_path_factory.mktemp('single'))
             res[name] = ({k: v.detach().clone() for k, v in learn.model.state_dict().items()},
                          [k for k, _ in learn.model.named_parameters()], W.init)
@@ -47,15 +47,11 @@ def _rel_gap(a, b, w0, keys):
     n = lambda x, y: sum(((x[k].float() - y[k].float())**2).sum() for k in keys).sqrt().item()
     return n(a, b) / n(b, w0)
 
-BOOST_XFAIL = pytest.mark.xfail(strict=True, reason=
-    "BoostResNetCallback swaps learn.model for a new, unwrapped _Stage at each stage: DistributedTrainer wrapped only "
-    "stage 0 (before_fit), so later stages would train unsynchronised; the run dies at DistributedTrainer.before_validate "
-    "(`_Stage` has no `.device`), and after_fit would unwrap the restored user model (`.module`)")
 FREEZE_XFAIL = pytest.mark.xfail(strict=True, reason=
     "FreezeOut sets requires_grad=False on a frozen block after DDP registered its parameters: DDP (without "
     "find_unused_parameters) waits for their gradients and raises 'Expected to have finished reduction in the prior "
     "iteration' at the next forward")
-CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', pytest.param('boost', marks=BOOST_XFAIL),
+CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost',
          pytest.param('freezeout', marks=FREEZE_XFAIL)]
 
 @pytest.mark.parametrize('name', CASES)

@@ -74,10 +74,13 @@ def test_nan_with_terminate_on_nan(name):
         p, _ = cb.get_preds()   # the ensemble of the finished snapshots still predicts
         assert torch.isfinite(p).all()
 
-@pytest.mark.xfail(strict=True, reason=
-    "no callback checks the loss: without TerminateOnNaNCallback the fit runs to the end on NaN weights (BoostResNet "
-    "trains the later blocks on NaN features, FreezeOut keeps stepping, SnapshotEnsemble stores a NaN snapshot 2)")
-@pytest.mark.parametrize('name', list(CBS))
+NAN_GAPS = {   # callbacks that do not check the loss yet: without TerminateOnNaNCallback the fit runs on NaN weights
+    'freezeout': "FreezeOut does not check the loss: it keeps stepping on NaN weights",
+    'snapshot': "SnapshotEnsemble does not check the loss: it stores a NaN snapshot 2",
+}
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NAN_GAPS[n])) if n in NAN_GAPS else n
+                                  for n in CBS])
 def test_nan_stops_without_terminate_on_nan(name):
     learn, cb, copy, model, before = run(name, terminate=False)
     assert learn.model is model and model_state(model)['grads'] == before['grads']
