@@ -330,6 +330,17 @@ def _records(df):
     if hasattr(df, 'to_dict'): df = (df.reset_index() if df.index.name else df).to_dict('records')
     return json.loads(json.dumps(df, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
 
+def _exit_with(pid, every=2.):
+    "End this job process when process `pid` (the command) is gone, e.g. killed: no orphan keeps training"
+    import threading
+    def watch():
+        while True:
+            time.sleep(every)
+            try: os.kill(pid, 0)
+            except ProcessLookupError: os._exit(1)
+            except PermissionError: pass
+    threading.Thread(target=watch, daemon=True).start()
+
 def run_job(
     arms:list,  # arms trained in this process: one arm, or ['boost', 'boost+e2e'] which share the block-wise phase
     cfg:dict,   # `vars(args)` of `parse_args`
@@ -495,7 +506,9 @@ def run_bench(
         print(f"\n== {' + '.join(job)} ({i+1}/{len(_jobs(args.arms))}) ==", flush=True)
         try:
             if spawn:
-                with ProcessPoolExecutor(1, mp_context=_mp_context()) as ex: r = ex.submit(fb.run_job, job, cfg).result()
+                # the job process ends by itself if this one is killed (a worker waiting for its task, too)
+                with ProcessPoolExecutor(1, mp_context=_mp_context(), initializer=fb._exit_with, initargs=(os.getpid(),)) as ex:
+                    r = ex.submit(fb.run_job, job, cfg).result()
             else: r = fb.run_job(job, cfg)
         except Exception as e:
             msg = _errmsg(e); print(f'{job} failed: {msg}', file=sys.stderr, flush=True)

@@ -58,3 +58,32 @@ def test_bad_arguments(args, msg, capsys, tmp_path):
 def test_bad_argument_exit_status_from_the_shell(tmp_path):
     r = subprocess.run(cli() + ['--arch', 'resnet5000'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and 'fastboost-bench: error: unknown arch' in r.stderr, r.stderr[-2000:]
+
+def test_killed_command_leaves_no_job_running(tmp_path):
+    "SIGKILL the command while an arm trains: its job process (forked from a forkserver, not a child) ends by itself"
+    import os, signal, time
+    def jobs():
+        "pids of processes running this test's bench (their command line or environment names its output folder)"
+        res = []
+        for p in Path('/proc').iterdir():
+            if not p.name.isdigit() or int(p.name) == os.getpid(): continue
+            try: env = (p/'environ').read_bytes()
+            except OSError: continue
+            if str(tmp_path).encode() in env: res.append(int(p.name))
+        return res
+    env = {**os.environ, 'FASTBOOST_TEST_MARK': str(tmp_path)}   # inherited by the forkserver and the job
+    cmd = [sys.executable, '-m', 'fastboost.bench', *TINY, '--epochs', '200', '--arms', 'e2e', '--out', str(tmp_path/'out')]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:   # wait until the arm trains
+        if line.startswith('== e2e'): break
+    import threading
+    threading.Thread(target=proc.stdout.read, daemon=True).start()   # keep reading, as a terminal would
+    deadline = time.time() + 120
+    while len(jobs()) < 4 and time.time() < deadline: time.sleep(1)   # command, resource tracker, forkserver, job
+    assert len(jobs()) >= 4, jobs()
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    deadline = time.time() + 60
+    while jobs() and time.time() < deadline: time.sleep(1)
+    left = jobs()
+    for pid in left: os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes still running after the command was killed: {left}"
