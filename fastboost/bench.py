@@ -226,7 +226,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--threads', type=int, help="torch CPU threads per arm (default: torch's; use 1 on a machine shared with other jobs)")
     a('--aug', action=argparse.BooleanOptionalAction, help="random pad-crop-flip for training (default: dataset)")
     a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
-      help="BoostResNet feature cache: auto = only without augmentation; on = cache one augmented view per image")
+      help="BoostResNet feature cache: auto = only without augmentation; on = cache the un-augmented images' features (the block-wise phase then trains without augmentation)")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
