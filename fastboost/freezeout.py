@@ -7,15 +7,17 @@ Docs: https://fastboost.github.io/fastboost/freezeout.html.md"""
 
 # %% ../nbs/03_freezeout.ipynb #c002
 from __future__ import annotations
-import math, time
+import math, time, warnings
 import numpy as np, pandas as pd, torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.callback.core import Callback
+from fastai.torch_core import get_model
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter
 
@@ -126,6 +128,34 @@ def predicted_saving(
     return 1 - sum(cost(min(j, n)) for j in frozen) / (n_iter*cost(0))
 
 # %% ../nbs/03_freezeout.ipynb #c014
+# fastboost callbacks that also set the learning rate (and, for BoostResNet, replace the model): not in the same fit
+_CLASH = ('BoostResNetCallback', 'SnapshotEnsembleCallback')
+
+def _param_state(opt):
+    "Per-parameter optimizer state, keyed by parameter: fastai's `Optimizer.state`, or the torch optimizer's in `OptimWrapper`"
+    return opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
+
+def _move_state(src, dst):
+    "Give `dst` the state (momentum, Adam moments, step counts) that `src` holds for the same parameters"
+    s, d = _param_state(src), _param_state(dst)
+    for pg in dst.param_lists:
+        for p in pg:
+            if p in s: d[p] = s[p]
+
+def _save_as(new, old):
+    "Make optimizer `new` save and load its state in the layout (parameter groups) of optimizer `old`"
+    def state_dict(): _move_state(new, old); return old.state_dict()
+    def load_state_dict(sd): old.load_state_dict(sd); _move_state(old, new)
+    new.state_dict, new.load_state_dict = state_dict, load_state_dict
+
+def _ddp_like(ddp, dt=None):
+    "A new `DistributedDataParallel` over `ddp.module`, with the settings of `ddp` and the parameters that require grad now"
+    h = getattr(getattr(dt, 'accelerator', None), 'ddp_handler', None)   # the user's `DistributedDataParallelKwargs`
+    new = DistributedDataParallel(ddp.module, device_ids=ddp.device_ids, output_device=ddp.output_device,
+                                  process_group=ddp.process_group, **(h.to_kwargs() if h is not None else {}))
+    if h is not None: h.register_comm_hook(new)
+    return new
+
 class FreezeOutCallback(Callback):
     "FreezeOut (Brock et al. 2017): per-block cosine learning rates, each block frozen for real at its $t_i$"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
@@ -155,12 +185,7 @@ class FreezeOutCallback(Callback):
         if self._active: self.restore()   # left over from an interrupted fit of a callback kept in `learn.cbs`
         lrn = self.learn
         if any(isinstance(c, LRFinder) for c in lrn.cbs): self.run = False; return
-        sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
-        if sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
-                                 "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
-        if isinstance(lrn.opt_func, OptimWrapper):
-            raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
-                             "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
+        self._check_fit(lrn)
         blocks = body_blocks(lrn.model)
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "
@@ -174,6 +199,7 @@ class FreezeOutCallback(Callback):
         self._lrn, self.blocks, self.total_iters = lrn, blocks, T
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
         self._modes, self.n_frozen, self.k, self._times, self._costs = {}, 0, 0, [], None
+        self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
         self._active = True
         splitter = lrn.splitter
         try: lrn.splitter = block_splitter; lrn.create_opt()
@@ -181,10 +207,37 @@ class FreezeOutCallback(Callback):
         self.n_groups = len(lrn.opt.param_lists)
         for h,v in hypers.items():   # what `fit` or the user set on the old optimizer (wd, mom, ...), as is: no `L()` of tuples/None
             if h != 'lr' and lrn.opt.hypers[-1].get(h, None) != v: lrn.opt._set_hyper(h, [v]*self.n_groups)
+        # the learner's optimizer state (momentum, ...) carries on, as in any fastai fit; `learn.save` during the fit
+        # (`SaveModelCallback`) writes it in the learner's own layout, so `learn.load` reads it back to resume
+        _move_state(self._old_opt, lrn.opt)
+        _save_as(lrn.opt, self._old_opt)
         self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks],
                                         params=[sum(p.numel() for p in b.parameters()) for b in blocks],
                                         t_freeze=self.times, freeze_iter=self.iters, lr0=self.block_lr0))
         self.speedup = {}
+
+    def _check_fit(self, lrn):
+        "Refuse what cannot work, before anything changes"
+        sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
+        if sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
+                                 "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
+        if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
+            raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
+        clash = [c for c in lrn.cbs if any(k.__name__ in _CLASH for k in type(c).__mro__)]
+        if clash:
+            for c in clash:   # BoostResNet (order -9) has already swapped in its stage model: it puts the learner back
+                if callable(getattr(c, 'restore', None)): c.restore()
+            raise ValueError(f"FreezeOutCallback cannot run in the same fit as {type(clash[0]).__name__}: both set the "
+                             "learning rate (and BoostResNet trains its own stage models). Use them in separate fits")
+        if isinstance(lrn.opt_func, OptimWrapper):
+            raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
+                             "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
+        self._dt = next((c for c in lrn.cbs if type(c).__name__ == 'DistributedTrainer'), None)
+        m = lrn.model
+        if isinstance(m, DistributedDataParallel) and self._dt is None and not m.find_unused_parameters:
+            raise ValueError("learn.model is a DistributedDataParallel built outside fastai's `distrib_ctx`/`to_distributed`: "
+                             "FreezeOut cannot rebuild it with your settings when a block freezes. Train inside "
+                             "`learn.distrib_ctx()`, or build it with find_unused_parameters=True")
 
     def before_train(self):
         for b in self.blocks[:self.n_frozen]: b.eval()   # `TrainEvalCallback` just put the whole model in train mode
@@ -192,7 +245,10 @@ class FreezeOutCallback(Callback):
     def before_batch(self):
         self.k = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
         if self._costs is None: self._cost_model()
-        while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k: self._freeze(self.n_frozen)
+        if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k:
+            self._check_finite()   # a block is frozen only with finite weights
+            while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k: self._freeze(self.n_frozen)
+            if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
         t = self.k/self.total_iters
         lrs = [freezeout_lr(t, ti, l0) for ti,l0 in zip(self.times, self.block_lr0)]
         lrs += [freezeout_lr(t, 1., self.base_lr)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
@@ -201,6 +257,8 @@ class FreezeOutCallback(Callback):
 
     def after_batch(self):
         if self.timing: self._times.append(self._now() - self._t)
+
+    def after_train(self): self._check_finite()
 
     def after_fit(self):
         if self._active: self._finish(); self.restore()
@@ -217,30 +275,55 @@ class FreezeOutCallback(Callback):
         for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
         self.n_frozen = i+1
 
+    def _rewrap(self):
+        "DDP registers the parameters that require grad when it is built: build it again now that blocks are frozen"
+        t = time.perf_counter()
+        if self._ddp0 is None: self._ddp0 = self.learn.model   # the one `DistributedTrainer` built, put back by `restore`
+        self.learn.model = self._ddp = _ddp_like(self.learn.model, self._dt)
+        self._rewrap_s.append(time.perf_counter() - t)
+
+    def _check_finite(self):
+        "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
+        m = get_model(self.learn.model)
+        ts = [(n, t) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for _, t in ts]).cpu()
+        if ok.all(): self._checked = self.k; return
+        msg = (f"FreezeOutCallback: {ts[int((~ok).nonzero()[0, 0])][0]} is NaN or infinite at iteration {self.k} (the loss "
+               f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
+               f"frozen so far are intact; the others and the head are not: load a checkpoint (`SaveModelCallback`) and "
+               f"lower the learning rate or clip gradients (`GradientClip`). `TerminateOnNaNCallback` stops at the NaN batch.")
+        warnings.warn(msg)
+        raise CancelFitException(msg)
+
     def _cost_model(self):
         x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
-        self._costs = stage_costs(self.blocks, x, self.learn.model if len(x) > 1 else None, self.cost)
+        m = get_model(self.learn.model)   # not through DDP: no gradient all-reduce for the cost probe
+        self._costs = stage_costs(self.blocks, x, m if len(x) > 1 else None, self.cost)
         n, u = len(self.blocks), '_flops' if self.cost == 'flops' else '_s'
         self.report['fwd'+u] = self._costs.fwd[:n].to_numpy()
         self.report['bwd'+u] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
         self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
 
     def _finish(self):
+        if self._rewrap_s: self.speedup.update(ddp_rewraps=len(self._rewrap_s), ddp_rewrap_s=sum(self._rewrap_s))
         ts = np.array(self._times)
         if not self.timing or len(ts) < self.total_iters or self.iters[0] < 2: return
         base = np.median(ts[1:self.iters[0]])   # iterations before the first freeze, the first one (warm-up) left out
         self.speedup.update(measured=1 - ts.sum()/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=ts.sum())
 
     def restore(self):
-        "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer"
+        "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer (with its state), the DDP wrapper"
         if not self._active: return
         self._active = False
-        lrn = self._lrn
+        lrn, opt = self._lrn, self._lrn.opt
         for p,rg in self._rg: p.requires_grad_(rg)
         if lrn.model.training:   # interrupted mid-epoch: the blocks go back to the modes they had when frozen
             for ms in self._modes.values():
                 for m,t in ms: m.train(t)
-        lrn.opt, self._old_opt, self._rg, self._modes = self._old_opt, None, [], {}
+        if opt is not self._old_opt: _move_state(opt, self._old_opt)
+        # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
+        if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
+        lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
 
 # %% ../nbs/03_freezeout.ipynb #c016
 @patch

@@ -37,7 +37,7 @@ def no_batchnorm(model):
     return model
 
 # what each run trains: 'none' is plain fastai (the baseline), 'snapshot_disk' writes its snapshots to files,
-# 'freezeout_fup' is FreezeOut under DDP with find_unused_parameters (the workaround for its failure under plain DDP)
+# 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps)
 RUNS = dict(none=lambda: None, snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
             freezeout_fup=CBS['freezeout'], **CBS)
 
@@ -74,6 +74,7 @@ def main(out, names):
             res['state'] = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
             res['model_type'] = type(learn.model).__name__
             res['init'] = init
+            if name.startswith('freezeout'): res['speedup'], res['freeze_iter'] = cb.speedup, list(cb.report.freeze_iter)
             if name.startswith('snapshot'):
                 torch.distributed.barrier()   # rank 0 has written its files
                 res['snapshots'] = [s['cycle'] for s in cb.snapshots]

@@ -11,7 +11,7 @@ pytest.importorskip('accelerate', reason="fastai's distributed training needs ac
 import _ddp_worker as W
 from _tiny import max_diff
 
-NAMES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']   # expected failures last
+NAMES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']
 
 @pytest.fixture(scope='module')
 def ddp(tmp_path_factory):
@@ -47,12 +47,7 @@ def _rel_gap(a, b, w0, keys):
     n = lambda x, y: sum(((x[k].float() - y[k].float())**2).sum() for k in keys).sqrt().item()
     return n(a, b) / n(b, w0)
 
-FREEZE_XFAIL = pytest.mark.xfail(strict=True, reason=
-    "FreezeOut sets requires_grad=False on a frozen block after DDP registered its parameters: DDP (without "
-    "find_unused_parameters) waits for their gradients and raises 'Expected to have finished reduction in the prior "
-    "iteration' at the next forward")
-CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost',
-         pytest.param('freezeout', marks=FREEZE_XFAIL)]
+CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']
 
 @pytest.mark.parametrize('name', CASES)
 def test_ranks_identical(ddp, name):
@@ -84,3 +79,30 @@ def test_snapshots_every_rank_loads_disk(ddp):
     for k in (1, 2):
         assert isinstance(r1['loaded'][k], dict), r1['loaded'][k]
         assert max_diff(r0['loaded'][k], r1['loaded'][k]) == 0
+
+@pytest.mark.parametrize('name', ['freezeout', 'freezeout_fup'])
+def test_freezeout_rewraps_at_each_freeze(ddp, name):
+    "FreezeOut wraps the model in a new DDP at each iteration where blocks freeze (DDP registers trainable parameters only)"
+    for r in _ok(ddp, name):
+        events = {i for i in r['freeze_iter'] if i < W.EPOCHS * W.N // (2 * W.BS)}   # iterations per rank: 2 x 4
+        assert len(events) > 0 and r['speedup']['ddp_rewraps'] == len(events), (r['freeze_iter'], r['speedup'])
+
+def test_freezeout_rewrap_keeps_ddp_settings(tmp_path):
+    "The DDP built at a freeze has the user's `DistributedDataParallelKwargs` and trains with a frozen layer (1 process)"
+    from types import SimpleNamespace
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from accelerate import DistributedDataParallelKwargs
+    from fastboost.freezeout import _ddp_like
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    try:
+        for h in (DistributedDataParallelKwargs(find_unused_parameters=True, bucket_cap_mb=1), DistributedDataParallelKwargs()):
+            m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+            old = DDP(m, **h.to_kwargs())
+            m[0].requires_grad_(False)
+            new = _ddp_like(old, SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=h)))
+            assert new.module is m and new.find_unused_parameters == h.find_unused_parameters
+            assert new.bucket_bytes_cap == old.bucket_bytes_cap
+            for _ in range(2): new(torch.randn(4, 2)).sum().backward()   # `old` raises at the 2nd forward without f_u_p
+            assert m[0].weight.grad is None and m[1].weight.grad is not None
+    finally: torch.distributed.destroy_process_group()
