@@ -75,14 +75,22 @@ def test_nan_with_terminate_on_nan(name):
         assert torch.isfinite(p).all()
 
 NAN_GAPS = {   # callbacks that do not check the loss yet: without TerminateOnNaNCallback the fit runs on NaN weights
-    'freezeout': "FreezeOut does not check the loss: it keeps stepping on NaN weights",
     'snapshot': "SnapshotEnsemble does not check the loss: it stores a NaN snapshot 2",
 }
 
+# Where each callback stops (learn.train_iter): right after the NaN batch, except FreezeOut, which checks the weights
+# (not the loss) at each freeze event and epoch end: no device sync per batch, the same answer on every DDP rank, and no
+# false alarm when a mixed-precision GradScaler skips an inf step. Here that is block 3's freeze, at iteration 11.
+STOP_AT = {'freezeout': 11}
+
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NAN_GAPS[n])) if n in NAN_GAPS else n
                                   for n in CBS])
-def test_nan_stops_without_terminate_on_nan(name):
+def test_nan_stops_without_terminate_on_nan(name, recwarn):
     learn, cb, copy, model, before = run(name, terminate=False)
     assert learn.model is model and model_state(model)['grads'] == before['grads']
     finished_intact(name, cb, copy)
-    assert learn.train_iter == NAN_AT + 1, f"the fit went on for {learn.train_iter - NAN_AT - 1} iterations after the NaN"
+    stop = STOP_AT.get(name, NAN_AT + 1)
+    assert learn.train_iter == stop, f"the fit went on for {learn.train_iter - stop} iterations after the NaN"
+    if name == 'freezeout':   # block 3 (due at iteration 11) was not frozen with NaN weights; the warning says why it stopped
+        assert cb.n_frozen == len(DONE)
+        assert any('NaN or infinite' in str(w.message) for w in recwarn), [str(w.message) for w in recwarn]
