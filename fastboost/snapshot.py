@@ -6,20 +6,21 @@ Docs: https://fastboost.github.io/fastboost/snapshot.html.md"""
 
 # %% ../nbs/04_snapshot.ipynb #c002
 from __future__ import annotations
-import math, numbers, os, warnings
+import json, math, numbers, os, warnings
 from copy import deepcopy
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, update_bn
 from functools import partial
 from fastcore.basics import patch, getcallable, noop
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder, sched_cos, sched_lin
-from fastai.learner import Learner
+from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import get_model, rank_distrib
 
 # %% auto #0
@@ -99,6 +100,30 @@ class SnapshotEnsemble(nn.Module):
         return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log_out else p
 
 # %% ../nbs/04_snapshot.ipynb #c020
+# our callbacks that set the learning rate themselves (BoostResNet also trains stage models of its own), by class name:
+# a fit can hold only one of them
+_CLASH = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
+
+def _world() -> int:
+    "Processes in the default process group (1 when not distributed)"
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _all_ranks(ok:torch.Tensor) -> bool:
+    "Is the boolean tensor `ok` true on every rank? (one all-reduce in distributed training, so all ranks agree)"
+    ok = ok.detach().float().reshape(1)
+    if _world() > 1: dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+def _finite(sd:dict) -> torch.Tensor:
+    "Are all floating-point tensors of the state dict `sd` finite? (a tensor on their device: one sync when read)"
+    fl = [v.detach().isfinite().all() for v in sd.values() if v.is_floating_point()]
+    return torch.stack(fl).all() if fl else torch.tensor(True)
+
+def _step_skipped(learn) -> bool:
+    "Did fastai's fp16 `GradScaler` skip this batch's step (inf/NaN gradients)? Then the weights did not change"
+    mp, sc = getattr(learn, 'mixed_precision', None), getattr(learn, 'scaler', None)
+    return bool(getattr(mp, 'skipped', False)) and sc is not None and sc.is_enabled()
+
 class SnapshotEnsembleCallback(Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
@@ -110,14 +135,15 @@ class SnapshotEnsembleCallback(Callback):
         cycle_mult:float=1.,       # cycle length multiplier (SGDR); 1 (the paper) gives equal cycles
         reset_momentum:bool=False, # clear the optimizer's state (momentum, Adam moments) at each restart; the paper does not
         save:str='memory',         # 'memory': CPU state dicts; 'disk': files under `learn.path/learn.model_dir`
-        fname:str='snapshot',      # file names for `save='disk'`: `{fname}_{k}.pth`, k = 1..n_cycles
+        fname:str='snapshot',      # file names for `save='disk'`: `{fname}_{k}.pth`, k = 1..n_cycles, and `{fname}.json`
+        resume:bool=False,         # with `fit(..., start_epoch=e)`: keep the snapshots the interrupted fit took before epoch `e`
     ):
         _check_cycles(n_cycles, cycle_mult)
         if save not in ('memory', 'disk'): raise ValueError(f"save={save!r}: use 'memory' (CPU state dicts) or 'disk' (files)")
         _n_warmup(warmup, 10**9)  # type check now, length at fit time
         self.n_cycles, self.warmup, self.cycle_mult, self.reset_momentum = n_cycles, warmup, cycle_mult, reset_momentum
-        self.storage, self.fname = save, fname
-        self.snapshots, self.lrs, self._cache, self._fitting, self._lrn, self._model = [], [], {}, False, None, None
+        self.storage, self.fname, self.resume = save, fname, resume
+        self.snapshots, self.lrs, self._cache, self._fitting, self._lrn, self._model, self._meta = [], [], {}, False, None, None, None
 
     # `fit` sets `cb.learn = None` in a `finally` when it removes the callback: the one hook that also runs after
     # exceptions fastai does not catch, so we restore the learner there if `after_fit` did not run.
@@ -129,24 +155,69 @@ class SnapshotEnsembleCallback(Callback):
         self.__dict__['_learn'] = v
 
     def before_fit(self):
-        if any(isinstance(c, LRFinder) for c in self.learn.cbs):
+        learn = self.learn
+        if any(isinstance(c, LRFinder) for c in learn.cbs):
             self.run = False; return   # lr_find trains a throw-away copy: no schedule, no snapshots
-        clash = [type(c).__name__ for c in self.learn.cbs if isinstance(c, ParamScheduler) and 'lr' in c.scheds]
+        clash = [type(c).__name__ for c in learn.cbs if isinstance(c, ParamScheduler) and 'lr' in c.scheds]
         if clash: raise ValueError(
             f"SnapshotEnsembleCallback schedules the learning rate itself, and {', '.join(clash)} also does (fit_one_cycle, "
             "fit_sgdr and fit_flat_cos add one): use `learn.fit(n_epoch, lr, cbs=cb)` or `learn.fit_snapshot(...)`")
-        n_it = len(self.learn.dls.train)
-        lrs, ends = snapshot_schedule(self.learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult)  # may raise: nothing changed yet
-        if self.storage == 'disk' and rank_distrib() == 0:
-            d = self._sdir = Path(self.learn.path) / self.learn.model_dir
-            d.mkdir(parents=True, exist_ok=True)
-            for p in d.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
-                if p.stem[len(self.fname) + 1:].isdigit(): p.unlink()
-            for p in d.glob(f'.{self.fname}_*.pth.*.tmp'): p.unlink()   # left by a killed process
-        self._lrn, self._model, self._n_it, self._mults, self._ends = self.learn, get_model(self.learn.model), n_it, lrs, ends
-        self._lr0 = np.array([h['lr'] for h in self.learn.opt.hypers])
-        self.snapshots, self.lrs, self._cache = [], [], {}
+        ours = [type(c).__name__ for c in learn.cbs if c is not self and any(k.__name__ in _CLASH for k in type(c).__mro__)]
+        if ours: raise ValueError(
+            f"SnapshotEnsembleCallback cannot run in the same fit as {'another ' if ours[0] == type(self).__name__ else ''}"
+            f"{ours[0]}: both set the learning rate (BoostResNet also trains its own stage models, FreezeOut freezes blocks). "
+            "Use them in separate fits, e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())` then "
+            "`learn.fit(m, lr, cbs=SnapshotEnsembleCallback(...))`")
+        n_it = len(learn.dls.train)
+        lrs, ends = snapshot_schedule(learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult)  # may raise: nothing changed yet
+        lr0 = np.array([h['lr'] for h in learn.opt.hypers])
+        meta = dict(n_iter=learn.n_epoch * n_it, iters_per_epoch=n_it, ends=[int(e) for e in ends], lr0=lr0.tolist())
+        start = next((c._skip_to for c in learn.cbs if isinstance(c, SkipToEpoch)), 0) * n_it   # fit(..., start_epoch=)
+        sdir = Path(learn.path) / learn.model_dir if self.storage == 'disk' else None
+        kept = self._resumed(meta, lrs, start, sdir) if self.resume and start else []   # may raise: nothing changed yet
+        if start and not self.resume: warnings.warn(
+            f"fit(start_epoch={start // n_it}) without resume=True: the snapshots of cycles ending before that epoch are not "
+            "kept. Pass SnapshotEnsembleCallback(..., resume=True) to keep those the interrupted fit took")
+        # everything checked: from here on the callback changes the learner (`_restore` undoes it) and the folder
+        if sdir is not None:
+            sdir.mkdir(parents=True, exist_ok=True)   # on every rank: every rank records the paths of the files rank 0 writes
+            if rank_distrib() == 0:
+                keep = {Path(r['path']).name for r in kept}
+                for p in sdir.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
+                    if p.stem[len(self.fname) + 1:].isdigit() and p.name not in keep: p.unlink()
+                for p in [*sdir.glob(f'.{self.fname}_*.pth.*.tmp'), *sdir.glob(f'.{self.fname}.json.*.tmp')]: p.unlink()   # left by a killed process
+                _atomic_save(meta, sdir / f'{self.fname}.json', json_=True)   # the schedule, for `resume=True` to check
+        self._sdir, self._meta = sdir, meta
+        self._lrn, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
+        self._lr0 = lr0
+        self.snapshots, self._cache = kept, {}
+        self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
         self._fitting = True
+
+    def _resumed(self, meta, mults, start, sdir) -> list:
+        "Records of the snapshots the interrupted fit took before iteration `start`; raises if one is missing"
+        want = [k + 1 for k, e in enumerate(meta['ends']) if e <= start]
+        if sdir is None:
+            old, recs = self._meta, {s['cycle']: s for s in self.snapshots if s['iter'] <= start}
+            where = ("this callback's memory (save='memory' keeps them in the process and callback that took them: "
+                     "pass that same callback, or use save='disk' to resume in a new process)")
+        else:
+            f = sdir / f'{self.fname}.json'
+            if not f.exists(): raise FileNotFoundError(
+                f"resume=True, but there is no {f}: a fit with save='disk' and fname={self.fname!r} writes it. Check "
+                "learn.path, learn.model_dir and fname, or train from the start without start_epoch")
+            old, where = json.loads(f.read_text()), f"{sdir} (files {self.fname}_k.pth)"
+            recs = {k: dict(cycle=k, iter=meta['ends'][k - 1], epoch=(meta['ends'][k - 1] - 1) // meta['iters_per_epoch'],
+                            lr=meta['lr0'][-1] * mults[meta['ends'][k - 1] - 1], rank=rank_distrib(),
+                            path=sdir / f'{self.fname}_{k}.pth') for k in want if (sdir / f'{self.fname}_{k}.pth').exists()}
+        if old is not None and old != meta: raise ValueError(
+            f"resume=True, but the interrupted fit had another schedule ({old}) than this one ({meta}): resume with the same "
+            "n_epoch, data, batch size, n_cycles, warmup, cycle_mult and lr")
+        miss = [k for k in want if k not in recs]
+        if miss: raise FileNotFoundError(
+            f"resume=True from epoch {start // meta['iters_per_epoch']}: the snapshots of cycle(s) {miss}, which end before it, "
+            f"are not in {where}. Resume from an earlier epoch, or train from the start")
+        return [recs[k] for k in want]
 
     def _iter(self): return self.learn.epoch * self._n_it + self.learn.iter
 
@@ -157,16 +228,34 @@ class SnapshotEnsembleCallback(Callback):
         self.lrs.append(self.learn.opt.hypers[-1]['lr'])
 
     def after_batch(self):
-        t = self._iter() + 1
+        t, loss = self._iter() + 1, self.learn.loss
+        if loss is not None and not _all_ranks(torch.isfinite(loss.detach()).all() | _step_skipped(self.learn)):
+            self._stop(f"a non-finite training loss ({float(loss.detach().float().mean()):g} on rank {rank_distrib()})", t)
         if t in self._ends: self._take(self._ends.index(t) + 1, t)
 
     def _take(self, k, t):
+        sd = get_model(self.learn.model).state_dict()
+        if not _all_ranks(_finite(sd)):
+            self._stop("non-finite weights", t)
         rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
+        if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
         if rec['rank'] == 0:
-            sd = {n: v.detach().to('cpu', copy=True) for n, v in get_model(self.learn.model).state_dict().items()}
-            if self.storage == 'disk': rec['path'] = self._sdir / f'{self.fname}_{k}.pth'; _atomic_save(sd, rec['path'])
-            else: rec['state'] = sd
+            cpu = {n: v.detach().to('cpu', copy=True) for n, v in sd.items()}
+            if 'path' in rec: _atomic_save(cpu, rec['path'])
+            else: rec['state'] = cpu
         self.snapshots.append(rec)
+        if 'path' in rec and _world() > 1: dist.barrier()   # the file is written: every rank can load it
+
+    def _stop(self, what, t):
+        "Stop the fit cleanly: no snapshot of this cycle, the earlier ones kept"
+        k = next(i + 1 for i, e in enumerate(self._ends) if t <= e)
+        have = [s['cycle'] for s in self.snapshots]
+        msg = (f"SnapshotEnsembleCallback: {what} at iteration {t}, in cycle {k}: training stopped, no snapshot of cycle {k} "
+               + (f"taken; snapshots {have} are kept and predict. " if have else "taken (and none before it). ")
+               + "learn.model's weights may be non-finite now (`learn.model.load_state_dict(cb.load_snapshot(k))` puts a "
+               "snapshot back). Train again with a lower learning rate, or gradient clipping (fastai's GradientClip).")
+        warnings.warn(msg)
+        raise CancelFitException(msg)
 
     def after_fit(self):
         self._restore()
@@ -180,12 +269,13 @@ class SnapshotEnsembleCallback(Callback):
         if self._lrn is not None and self._lrn.opt is not None: self._lrn.opt.set_hyper('lr', self._lr0)
 
 # %% ../nbs/04_snapshot.ipynb #c021
-def _atomic_save(obj, path:Path):
-    "`torch.save` to a temporary file in the same folder, flushed, then renamed over `path`"
+def _atomic_save(obj, path:Path, json_:bool=False):
+    "`torch.save` (`json.dump` if `json_`) to a temporary file in the same folder, flushed, then renamed over `path`"
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        with open(tmp, 'w' if json_ else 'wb') as f:
+            json.dump(obj, f) if json_ else torch.save(obj, f)
+            f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
@@ -208,11 +298,18 @@ def _select(self:SnapshotEnsembleCallback, last=None, which=None) -> list:
         return [s for s in self.snapshots if s['cycle'] in L(which)]
     if last is None: return list(self.snapshots)
     if last == 'best':
+        _need_valid(self._learner(), "last='best' chooses the snapshots by validation accuracy: pass last=m or which=[...] instead")
         r = self.report
         last = int(r.loc[r.ens_accuracy.idxmax(), 'ens_size'])
     if not isinstance(last, numbers.Integral) or not 1 <= last <= len(self.snapshots):
         raise ValueError(f"last={last!r}: choose between 1 and {len(self.snapshots)} (the snapshots taken), or 'best'")
     return self.snapshots[-last:]
+
+def _need_valid(learn, what):
+    "Raise if `learn` has no validation set (or an empty one); `what`: what needs it, and what to do instead"
+    try: n = len(learn.dls.valid)
+    except IndexError: n = 0   # `DataLoaders` built from a training loader only
+    if not n: raise ValueError(f"the learner has no validation set (or an empty one), and {what}")
 
 @patch
 def load_snapshot(self:SnapshotEnsembleCallback, k:int) -> dict:
@@ -222,11 +319,26 @@ def load_snapshot(self:SnapshotEnsembleCallback, k:int) -> dict:
     if 'path' not in rec: raise ValueError(f"snapshot {k} was stored by the rank-0 process only (this one was rank {rec['rank']}): "
                                            "predict with the snapshots on rank 0, or load the files it wrote")
     p = Path(rec['path'])
-    if not p.exists(): raise FileNotFoundError(f"snapshot file {p} is missing (deleted or moved?): choose other snapshots with `which=`, or train again")
+    if not p.exists():
+        ddp = (" In distributed training rank 0 writes the files: every rank needs to see its folder (one machine, or a "
+               "shared file system).") if rec['rank'] else ""
+        raise FileNotFoundError(f"snapshot file {p} is missing (deleted or moved?): choose other snapshots with `which=`, "
+                                f"or train again.{ddp}")
     try: return torch.load(p, map_location='cpu', weights_only=True)
     except Exception as e:
         raise RuntimeError(f"snapshot file {p} is corrupt or unreadable ({type(e).__name__}: {e}): delete it and choose other "
                            "snapshots with `which=`, or train again") from e
+
+@patch
+def _load_into(self:SnapshotEnsembleCallback, model:nn.Module, k:int):
+    "Load snapshot `k` into `model` (the trained model or a copy), saying which file does not fit it"
+    sd = self.load_snapshot(k)
+    try: model.load_state_dict(sd)
+    except Exception as e:
+        src = self.snapshots[[s['cycle'] for s in self.snapshots].index(k)].get('path', 'in memory')
+        raise RuntimeError(f"snapshot {k} ({src}) does not fit the trained model ({type(e).__name__}: {str(e)[:300]}): it was "
+                           "written by another model or run (same folder and fname?). Choose other snapshots with `which=`, "
+                           "or train again with its own fname") from e
 
 @patch
 def snapshot_preds(self:SnapshotEnsembleCallback,
@@ -236,6 +348,7 @@ def snapshot_preds(self:SnapshotEnsembleCallback,
 ) -> tuple:
     "Probabilities of each chosen snapshot (a list) and the targets, with `learn.get_preds`"
     learn, recs = self._learner(), self._select(last, which)
+    if dl is None: _need_valid(learn, "the snapshots are evaluated on it by default: pass a labelled DataLoader, `dl=`")
     model, old_model = self._model, learn.model   # the trained model, even if `learn.model` was replaced since
     act = getcallable(learn.loss_func, 'activation')
     if act is None or act is noop: act = partial(F.softmax, dim=-1)   # a loss without activation: the paper's softmax
@@ -246,7 +359,7 @@ def snapshot_preds(self:SnapshotEnsembleCallback,
             if dl is None and key in self._cache: p, targs = self._cache[key]
             else:
                 if orig is None: orig = {n: v.detach().clone() for n, v in model.state_dict().items()}
-                model.load_state_dict(self.load_snapshot(key))
+                self._load_into(model, key)
                 learn.model = model
                 p, targs = learn.get_preds(dl=dl, act=act)[:2]
                 if dl is None: self._cache[key] = (p, targs)
@@ -275,6 +388,8 @@ def evaluate(self:SnapshotEnsembleCallback,
     dl=None,          # a labelled `DataLoader` (default: `learn.dls.valid`)
 ) -> pd.DataFrame:
     "Per-snapshot and backward-grown ensemble metrics (also stored as `cb.disagreement` for the pairwise matrix)"
+    if dl is None: _need_valid(self._learner(), "`cb.report` and `cb.evaluate()` measure the snapshots on it: call "
+                               "`cb.evaluate(dl)` with a labelled DataLoader")
     probs, targs = self.snapshot_preds(dl)
     if targs is None or targs.dtype not in (torch.int64, torch.int32) or targs.ndim != 1:
         raise ValueError("the report needs single-label classification targets (one class index per sample)")
@@ -308,7 +423,7 @@ def ensemble(self:SnapshotEnsembleCallback,
     models = []
     for r in recs:
         m = deepcopy(self._model)
-        m.load_state_dict(self.load_snapshot(r['cycle']))
+        self._load_into(m, r['cycle'])
         models.append(m)
     return SnapshotEnsemble(models, log=log).eval()
 
@@ -342,7 +457,7 @@ def average_weights(self:SnapshotEnsembleCallback,
     m = deepcopy(self._model)
     swa = AveragedModel(m)   # a copy to average into; the first `update_parameters` overwrites it
     for r in recs:
-        m.load_state_dict(self.load_snapshot(r['cycle']))
+        self._load_into(m, r['cycle'])
         swa.update_parameters(m)
     update_bn(learn.dls.train if bn_dl is None else bn_dl, swa)
     return swa.module.eval()

@@ -39,7 +39,21 @@ def no_batchnorm(model):
 # what each run trains: 'none' is plain fastai (the baseline), 'snapshot_disk' writes its snapshots to files,
 # 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps)
 RUNS = dict(none=lambda: None, snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
+            snapshot_nan=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk', fname='nan'),
             freezeout_fup=CBS['freezeout'], **CBS)
+
+class NaNOnRank:
+    "The loss, NaN at training call `at` (1-based) on rank `rank` only (the other ranks' losses stay finite)"
+    def __init__(self, loss, rank=1, at=6): self.loss, self.rank, self.at, self.n = loss, rank, at, 0
+    def __call__(self, *args):
+        l = self.loss(*args)
+        if torch.is_grad_enabled():
+            self.n += 1
+            if self.n == self.at and int(os.environ.get('RANK', 0)) == self.rank: l = l * float('nan')
+        return l
+    def __getattr__(self, k):
+        if k in ('loss', 'rank', 'at', 'n'): raise AttributeError(k)
+        return getattr(self.loss, k)
 
 def run(name, world=1, path='.'):
     "Train the tiny learner with `RUNS[name]`; under torchrun (world>1) inside `learn.distrib_ctx()`"
@@ -47,6 +61,7 @@ def run(name, world=1, path='.'):
     # no dropout (random per process); plain SGD: Adam's sign-like steps would amplify rounding differences
     learn = tiny_learner(data(world), opt_func=SGD, ps=0., path=Path(path))
     no_batchnorm(learn.model)
+    if name == 'snapshot_nan': learn.loss_func = NaNOnRank(learn.loss_func)
     global init; init = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
     cb = RUNS[name]()
     if world == 1: learn.fit(EPOCHS, LR, cbs=cb); return learn, cb
@@ -78,6 +93,7 @@ def main(out, names):
             if name.startswith('snapshot'):
                 torch.distributed.barrier()   # rank 0 has written its files
                 res['snapshots'] = [s['cycle'] for s in cb.snapshots]
+                res['train_iter'] = learn.train_iter
                 res['loaded'] = {}
                 for k in res['snapshots']:
                     try: res['loaded'][k] = cb.load_snapshot(k)

@@ -11,7 +11,7 @@ pytest.importorskip('accelerate', reason="fastai's distributed training needs ac
 import _ddp_worker as W
 from _tiny import max_diff
 
-NAMES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']
+NAMES = ['none', 'snapshot', 'snapshot_disk', 'snapshot_nan', 'freezeout_fup', 'boost', 'freezeout']
 
 @pytest.fixture(scope='module')
 def ddp(tmp_path_factory):
@@ -71,14 +71,21 @@ def test_snapshots_rank0_memory(ddp):
     assert all(isinstance(v, dict) for v in r0['loaded'].values())
     assert all(isinstance(v, str) and 'rank-0' in v for v in r1['loaded'].values()), r1['loaded']
 
-@pytest.mark.xfail(strict=True, reason=
-    "save='disk': only rank 0 records the file path (`_take` sets rec['path'] on rank 0) and `_sdir` exists on rank 0 "
-    "only, so rank 1 cannot load the files rank 0 wrote: load_snapshot raises 'stored by the rank-0 process only'")
 def test_snapshots_every_rank_loads_disk(ddp):
+    "save='disk': rank 0 writes the files, every rank records their paths and loads them (the same weights)"
     r0, r1 = _ok(ddp, 'snapshot_disk')
+    assert r0['snapshots'] == r1['snapshots'] == [1, 2]
     for k in (1, 2):
         assert isinstance(r1['loaded'][k], dict), r1['loaded'][k]
         assert max_diff(r0['loaded'][k], r1['loaded'][k]) == 0
+    assert max_diff(r0['loaded'][2], r0['state']) == 0 < max_diff(r0['loaded'][1], r0['state'])   # the last one is the final model
+
+def test_snapshot_nan_on_one_rank_stops_every_rank(ddp):
+    "A NaN loss on rank 1 only (iteration 6 of 8, cycle 2): both ranks stop right after that batch (no rank left waiting in a collective), snapshot 1 kept"
+    r0, r1 = _ok(ddp, 'snapshot_nan')
+    assert r0['train_iter'] == r1['train_iter'] == 6
+    assert r0['snapshots'] == r1['snapshots'] == [1]
+    for r in (r0, r1): assert all(torch.isfinite(v).all() for v in r['loaded'][1].values() if v.is_floating_point())
 
 @pytest.mark.parametrize('name', ['freezeout', 'freezeout_fup'])
 def test_freezeout_rewraps_at_each_freeze(ddp, name):
