@@ -79,3 +79,41 @@ def test_freezeout_resume_equals_uninterrupted(tmp_path, how, opt):
     gap = max_diff(weights(res.model), want)
     assert gap == 0, f"resumed run differs from the uninterrupted one by {gap:.2e}"   # same ops in the same order
     assert max_diff(want, init) > 1e-3   # the weights moved: the comparison means something
+
+# Snapshots: 4 epochs of 4 iterations, 4 cycles (one per epoch). The interrupted fit stops after epoch 2 (3 snapshots
+# taken, checkpoints of epochs 0-2 saved) or by KeyboardInterrupt in epoch 2 (2 snapshots); the resumed fit loads the
+# checkpoint of epoch 1, so it must keep snapshots 1-2, and take 3 (again) and 4 as an uninterrupted fit does.
+class InterruptAt(Callback):
+    "Raise KeyboardInterrupt at training iteration `n` (after the optimizer step)"
+    order = 100
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        if self.training and self.train_iter == self.n: raise KeyboardInterrupt("test: Ctrl-C")
+
+@pytest.mark.parametrize('save', ['disk', 'memory'])
+def test_snapshot_resume_equals_uninterrupted(tmp_path, save):
+    from fastboost.snapshot import SnapshotEnsembleCallback
+    snap = lambda **kw: SnapshotEnsembleCallback(n_cycles=4, save=save, **kw)
+    ref = _learner(tmp_path/'ref', Adam)
+    rcb = snap()
+    ref.fit(4, 1e-2, cbs=rcb)
+
+    learn = _learner(tmp_path/'run', Adam)
+    init = weights(learn.model)
+    cb = snap(resume=True)
+    ckpt = SaveModelCallback(every_epoch=True, with_opt=True)
+    if save == 'disk': learn.fit(4, 1e-2, cbs=[cb, ckpt, CancelAfterEpoch(2)])
+    else:
+        with pytest.raises(KeyboardInterrupt): learn.fit(4, 1e-2, cbs=[cb, ckpt, InterruptAt(10)])
+    assert [s['cycle'] for s in cb.snapshots] == ([1, 2, 3] if save == 'disk' else [1, 2])
+
+    if save == 'disk': learn, cb = _learner(tmp_path/'run', Adam), snap(resume=True)   # as in a new process
+    learn.load('model_1', with_opt=True)
+    learn.fit(4, 1e-2, cbs=cb, start_epoch=2)
+    key = lambda s: (s['cycle'], s['iter'], s['epoch'], float(s['lr']))
+    assert [key(s) for s in cb.snapshots] == [key(s) for s in rcb.snapshots]
+    for k in range(1, 5):
+        gap = max_diff(cb.load_snapshot(k), rcb.load_snapshot(k))
+        assert gap == 0, f"snapshot {k} of the resumed run differs by {gap:.2e}"
+    assert max_diff(weights(learn.model), weights(ref.model)) == 0
+    assert max_diff(rcb.load_snapshot(3), rcb.load_snapshot(4)) > 0 and max_diff(weights(ref.model), init) > 1e-3
