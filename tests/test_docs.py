@@ -84,3 +84,17 @@ def test_workflows():
     wf = ROOT/'.github'/'workflows'
     assert 'fastai/workflows/quarto-ghp3@' in (wf/'deploy.yaml').read_text()
     assert re.search(r'^\s*run: \.ci/run\s*$', (wf/'test.yaml').read_text(), re.M)
+
+def test_sidebar_lists_every_notebook():
+    "The hand-written sidebar (custom_sidebar) has every notebook once, and nothing else: a new page cannot go missing"
+    import yaml, tomllib
+    from nbdev.doclinks import nbglob
+    assert tomllib.loads((ROOT/'pyproject.toml').read_text())['tool']['nbdev']['custom_sidebar'] is True, \
+        "nbs/sidebar.yml is written by hand: nbdev would overwrite it unless custom_sidebar = true"
+    def entries(items):
+        for it in items:
+            if isinstance(it, dict): yield from entries(it.get('contents', []))
+            else: yield it
+    listed = list(entries(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents']))
+    nbs = sorted(Path(f).name for f in nbglob(ROOT/'nbs'))
+    assert sorted(listed) == nbs, f"nbs/sidebar.yml lists {sorted(listed)}, the notebooks are {nbs}: add or remove entries"
