@@ -134,6 +134,14 @@ def _deterministic(dl) -> bool:
     for tl in getattr(getattr(dl, 'dataset', None), 'tls', []) or []: tfms += list(getattr(tl.tfms, 'fs', []))
     return not any(getattr(t, 'split_idx', None) == 0 for t in tfms)
 
+# our callbacks that own the learning rate and the trainable parameters: at most one of them per fit
+_OURS = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
+
+def _n_batches(dl) -> int:
+    "Batches in `dl` (0 for a missing or empty validation set)"
+    try: return len(dl) if dl is not None else 0
+    except TypeError: return 1
+
 def _is_classification(loss_func) -> bool:
     f = getattr(loss_func, 'func', loss_func)
     return isinstance(loss_func, (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy)) or \
@@ -182,6 +190,15 @@ class BoostResNetCallback(Callback):
         if self.loss_type == 'boost' and not _is_classification(self.learn.loss_func):
             raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
                              f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
+        ours = [type(cb).__name__ for cb in self.learn.cbs if cb is not self and any(k.__name__ in _OURS for k in type(cb).__mro__)]
+        if ours: raise ValueError(f"BoostResNetCallback cannot run in the same fit as {'another ' if ours[0] == type(self).__name__ else ''}"
+                                  f"{ours[0]}: both set the learning rate and the trainable parameters. Run them in separate fits "
+                                  f"(e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())`, then `learn.fit(m, lr, cbs={ours[0]}(...))`)")
+        has_valid = _n_batches(self.learn.dls.valid) > 0
+        if not has_valid and (self.stop == 'plateau' or self.gamma_stop is not None):
+            raise ValueError(f"{'stop=' + repr(self.stop) if self.stop else 'gamma_stop'} watches each stage on the validation set, "
+                             f"but the DataLoaders have no validation batches: give them a validation set (e.g. `valid_pct=0.2`) "
+                             f"or use stop=None, gamma_stop=None")
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
         self._dt = next((cb for cb in learn.cbs if type(cb).__name__ == 'DistributedTrainer'), None)
@@ -200,8 +217,9 @@ class BoostResNetCallback(Callback):
                            modes={m: m.training for m in self.user_model.modules()},
                            devices={p: p.device for p in self.user_model.parameters()})
         self._active = True
-        # shapes of each block's output, from one validation batch
-        xb = learn.dls.valid.one_batch()[0][:2].to(self.device)
+        # shapes of each block's output, from one validation batch (a training batch when there is no validation set)
+        x1 = (learn.dls.valid if has_valid else learn.dls.train).one_batch()[0][:2].to(self.device)
+        xb = x1
         with torch.no_grad():
             self.user_model.eval(); shapes = []
             for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
@@ -210,7 +228,7 @@ class BoostResNetCallback(Callback):
         K = len(self.blocks)
         if isinstance(self.budget, str):
             if self.budget not in ('equal', 'flops'): raise ValueError(f"budget must be 'equal', 'flops' or a list, got {self.budget!r}")
-            w = block_flops(self.blocks, learn.dls.valid.one_batch()[0][:1].to(self.device), backward=True) if self.budget == 'flops' else None
+            w = block_flops(self.blocks, x1[:1], backward=True) if self.budget == 'flops' else None
             self.iters = split_budget(total, K, w)
         else:
             b = list(self.budget)
@@ -321,7 +339,7 @@ class BoostResNetCallback(Callback):
                 a, b = boost_edge(out.float().softmax(-1), y, st.s if self.loss_type == 'boost' else None)
                 num, den = num + float(a), den + float(b)
         st.train(was)
-        return tot/max(n, 1), correct/max(n, 1), num, den
+        return (tot/n, correct/n, num, den) if n else (float('nan'), float('nan'), num, den)   # n=0: no validation set
 
     # --- batches ---------------------------------------------------------------------------------------------------
     def before_train(self):
@@ -348,7 +366,7 @@ class BoostResNetCallback(Callback):
 
     def after_batch(self):
         if not self.learn.training or self.learn.train_iter <= self._skip_to: return
-        if not torch.isfinite(self.learn.loss): self._non_finite()
+        if self._any_rank(~torch.isfinite(self.learn.loss.detach())): self._non_finite()
         y = self.learn.yb[0]
         self._loss_sum, self._nb = self._loss_sum + self.learn.loss.detach(), self._nb + 1   # summed on device: no sync per batch
         self._correct += (self.learn.pred.detach().argmax(-1) == y).sum()
@@ -359,11 +377,18 @@ class BoostResNetCallback(Callback):
             if (done - self._start_it) % every == 0 and self._plateaued(): self._skip_rest()
         if done >= self.ends[self.k]: self._next()
 
+    def _any_rank(self, flag) -> bool:
+        "Is `flag` true on any process? Under DDP a NaN on one rank reaches every rank's gradients: all stop together"
+        if self._dt is None or num_distrib() < 2 or not torch.distributed.is_initialized(): return bool(flag)
+        t = flag.float().reshape(1).to(self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t)
+
     def _non_finite(self):
         "A NaN/inf loss: the step just made broke the training block; put it back as it was when its stage began, and stop"
         bsd, hsd = self._stage_start
         self.stage.block.load_state_dict(bsd); self.stage.head.load_state_dict(hsd)
-        msg = (f"BoostResNetCallback: non-finite loss ({float(self.learn.loss)}) at iteration {self.learn.train_iter} "
+        msg = (f"BoostResNetCallback: non-finite loss{' on at least one process' if num_distrib() > 1 else ''} at iteration {self.learn.train_iter} "
                f"in block {self.k}: stopped; blocks 0-{self.k-1} are kept as trained, block {self.k} as it was before its "
                f"stage. Lower the learning rate, or add gradient clipping (fastai's GradientClip), and run again.")
         warnings.warn(msg)
@@ -397,7 +422,7 @@ class BoostResNetCallback(Callback):
         for dl in (learn.dls.train.new(shuffle=False, drop_last=False), learn.dls.valid):
             xx, yy = [], []
             for x, y in dl: xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
-            xs.append(torch.cat(xx)); ys.append(torch.cat(yy))
+            xs.append(torch.cat(xx) if xx else xs[0][:0]); ys.append(torch.cat(yy) if yy else ys[0][:0])   # no validation set: empty
         self._feats, self._ys = xs, ys
         bs, tdl = learn.dls.train.bs, learn.dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
@@ -414,7 +439,7 @@ class BoostResNetCallback(Callback):
         with torch.no_grad():
             for f in self._feats:
                 out.append(torch.cat([b(f[i:i+256].to(self.device, torch.float32)).to('cpu', self.cache_dtype)
-                                      for i in range(0, len(f), 256)]))
+                                      for i in range(0, len(f), 256)]) if len(f) else f)
         b.train(was)
         self._feats = out
 

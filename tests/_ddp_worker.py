@@ -40,7 +40,7 @@ def no_batchnorm(model):
 # 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps)
 RUNS = dict(none=lambda: None, snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
             snapshot_nan=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk', fname='nan'),
-            freezeout_fup=CBS['freezeout'], **CBS)
+            boost_nan=CBS['boost'], freezeout_fup=CBS['freezeout'], **CBS)
 
 class NaNOnRank:
     "The loss, NaN at training call `at` (1-based) on rank `rank` only (the other ranks' losses stay finite)"
@@ -61,7 +61,7 @@ def run(name, world=1, path='.'):
     # no dropout (random per process); plain SGD: Adam's sign-like steps would amplify rounding differences
     learn = tiny_learner(data(world), opt_func=SGD, ps=0., path=Path(path))
     no_batchnorm(learn.model)
-    if name == 'snapshot_nan': learn.loss_func = NaNOnRank(learn.loss_func)
+    if name in ('snapshot_nan', 'boost_nan'): learn.loss_func = NaNOnRank(learn.loss_func)
     global init; init = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
     cb = RUNS[name]()
     if world == 1: learn.fit(EPOCHS, LR, cbs=cb); return learn, cb
@@ -89,6 +89,7 @@ def main(out, names):
             res['state'] = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
             res['model_type'] = type(learn.model).__name__
             res['init'] = init
+            if name.startswith('boost'): res['train_iter'], res['stages'] = learn.train_iter, len(cb.records)
             if name.startswith('freezeout'): res['speedup'], res['freeze_iter'] = cb.speedup, list(cb.report.freeze_iter)
             if name.startswith('snapshot'):
                 torch.distributed.barrier()   # rank 0 has written its files

@@ -4,9 +4,10 @@ wrong or what to do), and leaves nothing half-changed: `learn.model` is the same
 hyper-parameters, `learn.loss_func` the same object.
 
 Each case is a function of the learner that does its set-up and returns the call that must fail (a callback whose
-constructor refuses its arguments fails in the set-up already, before the learner is involved). Cases that fail today
-are marked `xfail(strict=True)` with the cause; in both (BoostResNet) the learner is left unchanged, only the message
-misleads. A damaged snapshot file at load time is checked by `test_snapshot_file_damaged`."""
+constructor refuses its arguments fails in the set-up already, before the learner is involved). A case that fails
+with a misleading message would be marked `xfail(strict=True)` with the cause; none is today. A damaged snapshot file at
+load time is checked by `test_snapshot_file_damaged`; BoostResNet without a validation set, where it needs none, by
+`test_boost_without_validation_set`."""
 import pytest, torch
 from torch import nn
 from fastai.data.core import DataLoaders
@@ -46,12 +47,6 @@ def snapshot_fitted(learn):
     learn.fit(2, cbs=cb)
     return cb
 
-NO_VALID_BOOST = ("BoostResNetCallback.before_fit reads `dls.valid.one_batch()` (block shapes) with no check: an empty "
-                  "validation set fails with fastai's 'This DataLoader does not contain any batches', which names neither the "
-                  "validation set nor what to do (the learner is left unchanged)")
-TWO_BOOST = ("BoostResNetCallback does not look for a second BoostResNetCallback: the second one sees the first one's stage "
-             "model and says 'needs a model made of a body and a head ... got _Stage', which sends the user to `vision_learner` "
-             "(the learner is left unchanged)")
 # id: (learner factory, case(learn) -> call that must fail, message fragment, xfail reason or None)
 CASES = {
     # unsupported models
@@ -65,9 +60,9 @@ CASES = {
     'freezeout+snapshot': (None, lambda l: fit(l, FreezeOutCallback(timing=False), SnapshotEnsembleCallback(2), n_epoch=3),
                            'cannot run in the same fit as', None),
     'boost+snapshot': (None, lambda l: fit(l, BoostResNetCallback(), SnapshotEnsembleCallback(2), n_epoch=3),
-                       'cannot run in the same fit as BoostResNetCallback', None),
+                       'cannot run in the same fit as', None),
     'boost+boost': (None, lambda l: fit(l, BoostResNetCallback(), BoostResNetCallback(), n_epoch=3),
-                    'same fit', TWO_BOOST),
+                    'cannot run in the same fit as another BoostResNetCallback', None),
     'freezeout+freezeout': (None, lambda l: fit(l, FreezeOutCallback(timing=False), FreezeOutCallback(timing=False), n_epoch=3),
                             'Two FreezeOutCallbacks', None),
     'snapshot+snapshot': (None, lambda l: fit(l, SnapshotEnsembleCallback(2), SnapshotEnsembleCallback(2), n_epoch=3),
@@ -87,7 +82,7 @@ CASES = {
                        lambda l: fit(l, BoostResNetCallback(loss='boost'), n_epoch=3), 'single-label classification', None),
     # no validation set where one is needed
     'boost-plateau-no-valid': (lambda: tiny_learner(dls(valid=False)),
-                               lambda l: fit(l, BoostResNetCallback(stop='plateau'), n_epoch=3), 'validation set', NO_VALID_BOOST),
+                               lambda l: fit(l, BoostResNetCallback(stop='plateau'), n_epoch=3), 'validation set', None),
     'snapshot-best-no-valid': (lambda: tiny_learner(dls(valid=False)),
                                lambda l: (lambda cb: lambda: cb.get_preds(dl=l.dls.train, last='best'))(snapshot_fitted(l)),
                                'validation set', None),
@@ -120,6 +115,16 @@ def test_bad_input(case):
     assert after['model'] is before['model'] and after['loss_func'] is before['loss_func'] and after['opt'] is before['opt']
     assert max_diff(after.pop('weights'), before.pop('weights')) == 0
     for k in ('hypers', 'params', 'grads', 'modes', 'hooks'): assert after[k] == before[k], k
+
+def test_boost_without_validation_set():
+    "No validation set and no stop rule that needs one: the phase trains (shapes come from a training batch), validation numbers are NaN"
+    learn = tiny_learner(dls(valid=False))
+    w0 = weights(learn.model)
+    for cache in (False, True):
+        cb = BoostResNetCallback(cache=cache)
+        learn.fit(5, 1e-2, cbs=cb)
+        assert len(cb.report) == len(cb.blocks) and cb.report.valid_loss.isna().all() and cb.report.train_loss.notna().all()
+    assert max_diff(weights(learn.model), w0) > 0
 
 # A snapshot file that is missing, corrupt, cut short or written by another model at load time: the message names the
 # file and what to do, and the learner's model keeps its weights (the snapshots are loaded into it in turn)

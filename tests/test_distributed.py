@@ -11,7 +11,7 @@ pytest.importorskip('accelerate', reason="fastai's distributed training needs ac
 import _ddp_worker as W
 from _tiny import max_diff
 
-NAMES = ['none', 'snapshot', 'snapshot_disk', 'snapshot_nan', 'freezeout_fup', 'boost', 'freezeout']
+NAMES = ['none', 'snapshot', 'snapshot_disk', 'snapshot_nan', 'boost_nan', 'freezeout_fup', 'boost', 'freezeout']
 
 @pytest.fixture(scope='module')
 def ddp(tmp_path_factory):
@@ -86,6 +86,13 @@ def test_snapshot_nan_on_one_rank_stops_every_rank(ddp):
     assert r0['train_iter'] == r1['train_iter'] == 6
     assert r0['snapshots'] == r1['snapshots'] == [1]
     for r in (r0, r1): assert all(torch.isfinite(v).all() for v in r['loaded'][1].values() if v.is_floating_point())
+
+def test_boost_nan_on_one_rank_stops_every_rank(ddp):
+    "A NaN loss on rank 1 only (iteration 6 of 8): both ranks stop after that batch with the same finite weights (the broken block put back)"
+    r0, r1 = _ok(ddp, 'boost_nan')
+    assert r0['train_iter'] == r1['train_iter'] == 6 and r0['stages'] == r1['stages'] < 5
+    assert max_diff(r0['state'], r1['state']) == 0
+    assert all(torch.isfinite(v).all() for v in r0['state'].values() if v.is_floating_point())
 
 @pytest.mark.parametrize('name', ['freezeout', 'freezeout_fup'])
 def test_freezeout_rewraps_at_each_freeze(ddp, name):
