@@ -177,7 +177,7 @@ class BoostResNetCallback(Callback):
         if resume and not checkpoint: raise ValueError("resume=True needs the checkpoint's file name: checkpoint='boost', as in the run to resume")
         store_attr(but='loss')
         self.loss_type = loss   # `self.loss` would shadow the learner's loss
-        self.records, self._active, self.learner = [], False, None
+        self.records, self._active, self.learner, self._pending = [], False, None, None
 
     # --- fit lifecycle -------------------------------------------------------------------------------------------
     def before_fit(self):
@@ -237,12 +237,15 @@ class BoostResNetCallback(Callback):
             self.iters = b if ints else split_budget(total, K, b)  # iterations summing to the total, else weights
         self.ends, self._iters0 = np.cumsum(self.iters).tolist(), list(self.iters)
         self.lr_max = learn.opt.hypers[-1]['lr']
-        self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to = [], 0., 0., -1, 0
+        self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
         if self.do_cache: self._build_cache()
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
         self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
         try: self._start_stage(first)
         finally: self._in_before_fit = False
+
+    def after_epoch(self):
+        if self._pending is not None: k, self._pending = self._pending, None; self._start_stage(k)
 
     def after_fit(self): self._restore(ddp_shell=True)
 
@@ -410,7 +413,11 @@ class BoostResNetCallback(Callback):
         self._end_stage()
         k = self.k
         stop = self.gamma_stop is not None and not (self.records[-1].get('gamma', 0) >= self.gamma_stop)
-        if k + 1 < len(self.blocks) and not stop: self._start_stage(k + 1)
+        if k + 1 < len(self.blocks) and not stop:
+            # a stage that ends with the epoch's last batch: the next one starts after the epoch's validation, so that
+            # fastai's Recorder and progress table report the stage just trained, not an untrained classifier
+            if self.learn.iter == self.learn.n_iter - 1: self._pending = k + 1
+            else: self._start_stage(k + 1)
         elif self.learn.train_iter < len(self.learn.dls.train) * self.learn.n_epoch:
             # the phase ended early (plateau or gamma_stop): skip the iterations left
             raise CancelFitException("block-wise phase done")

@@ -98,3 +98,9 @@ def test_sidebar_lists_every_notebook():
     listed = list(entries(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents']))
     nbs = sorted(Path(f).name for f in nbglob(ROOT/'nbs'))
     assert sorted(listed) == nbs, f"nbs/sidebar.yml lists {sorted(listed)}, the notebooks are {nbs}: add or remove entries"
+
+def test_links_between_pages(site):
+    "Every relative link in the rendered pages goes to a page that exists (links to notebooks become their pages)"
+    bad = [(name, h) for name, page in site.items() for h in re.findall(r'href="([^"#:]+\.(?:html|ipynb))"', page) if h not in site]
+    assert not bad, bad
+    assert 'href="tutorial_boostresnet.html"' in site['index.html']
