@@ -213,6 +213,8 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-epochs', type=int, default=1, help="BoostResNet epochs per block")
     a('--ft-epochs', type=int, help="boost+e2e fine-tuning epochs (default: a quarter of --epochs, at least 1)")
     a('--cycles', type=int, help="snapshot cycles (default: min(5, epochs))")
+    a('--t0', type=float, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper)")
+    a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
     a('--bs', type=int, help="batch size (default: dataset)")
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
@@ -247,6 +249,7 @@ def parse_args(
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available(): raise BenchError("--device cuda but no GPU is visible")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
+    if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
     get_arch(args.arch)   # fail early on an unknown name
     return args
@@ -389,7 +392,7 @@ def run_job(
             row('boost+e2e')
     elif arms == ['freezeout']:
         FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
-        cb = FreezeOut(t0=0.8, schedule='cubic', scale_lr=True)
+        cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=True)
         learn.fit(epochs, lr, cbs=cb)
         res['extra']['freezeout'] = _records(cb.report)
         row('freezeout')
@@ -494,7 +497,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__

@@ -16,7 +16,7 @@ def cli():
 
 def test_every_arm_end_to_end(tmp_path):
     out = tmp_path/'out'
-    r = subprocess.run([sys.executable, '-m', 'fastboost.bench', *TINY, '--out', str(out)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, '-m', 'fastboost.bench', *TINY, '--t0', '0.5', '--schedule', 'linear', '--out', str(out)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads((out/'bench.json').read_text())
@@ -33,6 +33,10 @@ def test_every_arm_end_to_end(tmp_path):
     for arm in ARMS: assert res['curves'][arm], arm
     blocks = res['extra']['boost_blocks']
     assert len(blocks) == res['extra']['n_blocks'] == 9 and all('valid_acc' in b for b in blocks)
+    # one epoch per block: the accuracy after each epoch is that of the block the epoch trained (not the next one's new classifier)
+    assert [a for _, a in res['curves']['boost']] == pytest.approx([b['valid_acc'] for b in blocks], abs=1e-4)
+    assert res['config']['t0'] == 0.5 and res['config']['schedule'] == 'linear'
+    assert res['extra']['freezeout'][0]['t_freeze'] == pytest.approx(0.5)   # FreezeOut got --t0/--schedule
     assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2]
     for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png'):
         assert f in res['figures'] and (out/f).stat().st_size > 1000
@@ -47,6 +51,7 @@ def test_every_arm_end_to_end(tmp_path):
     (['--subset', '100000'], 'larger than the data (1438 images)'),
     (['--arms', 'e2e,bogus'], 'unknown arm(s) bogus'),
     (['--epochs', '0'], 'must be at least 1'),
+    (['--t0', '1.5'], 'must be in (0, 1]'),
 ])
 def test_bad_arguments(args, msg, capsys, tmp_path):
     from fastboost.bench import main
