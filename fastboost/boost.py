@@ -443,10 +443,17 @@ class BoostResNetCallback(Callback):
         b = self.blocks[k-1]
         was = b.training; b.eval()
         out = []
+        run = lambda x: b(x.to(self.device, torch.float32)).to('cpu', self.cache_dtype)
         with torch.no_grad():
             for f in self._feats:
-                out.append(torch.cat([b(f[i:i+256].to(self.device, torch.float32)).to('cpu', self.cache_dtype)
-                                      for i in range(0, len(f), 256)]) if len(f) else f)
+                if not len(f): out.append(f); continue
+                y = run(f[:256])
+                # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
+                # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
+                dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.cache_dtype)
+                dst[:len(y)] = y
+                for i in range(256, len(f), 256): dst[i:i+256] = run(f[i:i+256])
+                out.append(dst)
         b.train(was)
         self._feats = out
 
