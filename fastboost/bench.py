@@ -446,7 +446,7 @@ def bench_figures(
     fig, ax = _figure()
     for arm, pts in res['curves'].items():
         pts = [(s, a) for s, a in pts if a is not None]
-        if pts: ax.plot(*zip(*pts), marker='o', ms=3, label=arm)
+        if pts: ax.plot(*zip(*pts), marker='o', ms=3, label=arm, ls='--' if arm == 'boost+e2e' else '-')   # dashed: it retraces boost
     ax.set(xlabel='training wall-clock (s)', ylabel='test accuracy', title=f"{res['config']['arch']} on {res['config']['dataset']}")
     ax.legend(); fig.savefig(out/'accuracy_vs_time.png', dpi=120, bbox_inches='tight'); made.append('accuracy_vs_time.png')
     ens = res['extra'].get('snapshot_ensemble')
