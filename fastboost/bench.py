@@ -395,6 +395,7 @@ def run_job(
         cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=True)
         learn.fit(epochs, lr, cbs=cb)
         res['extra']['freezeout'] = _records(cb.report)
+        res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
         row('freezeout')
     elif arms == ['snapshot']:
         Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')

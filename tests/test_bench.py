@@ -37,6 +37,7 @@ def test_every_arm_end_to_end(tmp_path):
     assert [a for _, a in res['curves']['boost']] == pytest.approx([b['valid_acc'] for b in blocks], abs=1e-4)
     assert res['config']['t0'] == 0.5 and res['config']['schedule'] == 'linear'
     assert res['extra']['freezeout'][0]['t_freeze'] == pytest.approx(0.5)   # FreezeOut got --t0/--schedule
+    assert {'predicted', 'measured'} <= set(res['extra']['freezeout_speedup'])
     assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2]
     for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png'):
         assert f in res['figures'] and (out/f).stat().st_size > 1000
