@@ -15,6 +15,7 @@ import numpy as np, torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
 from fastai.callback.core import Callback
+from torch.profiler import profile, ProfilerActivity
 from fastai.callback.schedule import ParamScheduler, SchedCos
 from fastai.learner import Recorder
 from fastai.metrics import accuracy
@@ -25,8 +26,8 @@ from .blocks import body_blocks, pytorchcv_arch
 
 # %% auto #0
 __all__ = ['ARMS', 'DATASET_DEFAULTS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors', 'cifar10_tensors',
-           'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'run_job', 'bench_table',
-           'bench_figures', 'run_bench', 'main']
+           'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory', 'run_job',
+           'bench_table', 'bench_figures', 'run_bench', 'main']
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
@@ -230,6 +231,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
       help="BoostResNet feature cache: auto = only without augmentation; on = cache the un-augmented images' features (the block-wise phase then trains without augmentation)")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
+    a('--tensor-memory', action='store_true', help="CPU: also profile one iteration per epoch for the peak of live tensors (what a GPU would hold; see TensorMemory); slows training a little")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
     return p
@@ -248,6 +250,8 @@ def parse_args(
         if getattr(args, k) < 1: raise BenchError(f"--{k.replace('_','-')} must be at least 1")
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available(): raise BenchError("--device cuda but no GPU is visible")
+    if args.tensor_memory and not args.device.startswith('cpu'):
+        raise BenchError("--tensor-memory measures CPU runs; on a GPU the table's memory column is already the allocator's peak")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
     if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
@@ -286,6 +290,49 @@ class PeakMemory:
         if self.cuda: torch.cuda.synchronize(); return torch.cuda.max_memory_allocated()
         hwm = _status_kb('VmHWM') if self.how.startswith('CPU peak RSS') else _ru_maxrss_kb()
         return max(0, hwm - self.base) * 1024
+
+# %% ../nbs/05_bench.ipynb #tm01
+class TensorMemory(Callback):
+    "Peak bytes of live tensors in one training iteration per epoch (CPU): what `torch.cuda.max_memory_allocated` counts on a GPU"
+    order = 90   # before_batch after every callback that changes the batch or the model (BoostResNet -9, MixedPrecision 10)
+    def __init__(self,
+        model=None, # whose parameters count as resident besides `learn.model`'s: the whole model when a callback trains a part of it
+        at:int=1,   # the iteration of each epoch to profile (the epoch's last when it has fewer)
+    ): self.model, self.at, self.peaks, self._prof = model, at, [], None
+
+    def before_fit(self):
+        self._stop(keep=False)   # a profiler left running by a fit that died
+        dev = next(self.learn.model.parameters()).device
+        if dev.type != 'cpu': raise ValueError(f"TensorMemory measures training on the CPU; the model is on {dev}: "
+                                               f"there, read torch.cuda.max_memory_allocated() instead")
+    def before_batch(self):
+        if not self.training or self.iter != min(self.at, self.n_iter - 1): return
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+        self._prof.start()
+    def after_step(self): self._stop()
+    def after_batch(self): self._stop(keep=False)   # the step was skipped (CancelBatchException): no peak to keep
+    def after_fit(self): self._stop(keep=False)
+
+    def _stop(self, keep=True):
+        if self._prof is None: return
+        prof, self._prof = self._prof, None
+        prof.stop()
+        if keep: self.peaks.append(self._peak(prof))
+
+    def _peak(self, prof) -> int:
+        "Peak over the profiled step of the live tensors that are not parameters or gradients, plus all of those"
+        from torch.profiler._memory_profiler import MemoryProfileTimeline, Action
+        models = [self.learn.model] + ([self.model] if self.model is not None else [])
+        ts = [t for m in models for p in m.parameters() for t in (p, p.grad) if t is not None]
+        resident = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}   # touched by the step or not
+        live = peak = 0; t_last = None
+        for t, action, (key, _), nbytes in MemoryProfileTimeline(prof._memory_profile()).timeline:
+            if key.device.type != 'cpu' or getattr(getattr(key, 'storage', None), 'ptr', None) in resident: continue
+            if t != t_last: peak, t_last = max(peak, live), t   # events at one timestamp count together
+            if action in (Action.PREEXISTING, Action.CREATE): live += nbytes
+            elif action == Action.DESTROY: live -= nbytes
+        return max(peak, live) + sum(resident.values())
+
 
 # %% ../nbs/05_bench.ipynb #c027
 class _Clock(Callback):
@@ -362,6 +409,8 @@ def run_job(
     n_eval = min(len(xt), 10_000)
     train_dl = dls.valid.new(type(dls.train.dataset)(xt[:n_eval], yt[:n_eval]))   # no augmentation, eval mode
     clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
+    tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
+    if tm: learn.add_cb(tm)
     res = dict(rows=[], curves={}, extra={}, memory=None)
     t_all = time.perf_counter()
     def row(arm, train_acc=None, test_acc=None):
@@ -369,6 +418,8 @@ def run_job(
         if train_acc is None: train_acc = float(learn.validate(dl=train_dl)[1])
         res['rows'].append(dict(arm=arm, train_acc=train_acc, test_acc=test_acc, train_s=round(clock.elapsed, 3),
                                 peak_mb=round(mem.peak()/2**20, 1)))
+        if tm and tm.peaks:   # the arm's peak so far, and per epoch (per block for boost)
+            res['rows'][-1].update(tensor_mb=round(max(tm.peaks)/2**20, 1), tensor_mb_epochs=[round(p/2**20, 1) for p in tm.peaks])
         if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
     lr, epochs = cfg['lr'], cfg['epochs']
     if arms == ['e2e']:
@@ -423,14 +474,18 @@ def bench_table(
     base = next((r for r in rows if r['arm'] == 'e2e' and 'error' not in r), None)
     def ratio(r, k): return r[k]/base[k] if base and base[k] and r.get(k) is not None else None
     mem = 'peak GPU MB' if memory.startswith('torch.cuda') else 'peak RSS MB'
-    lines = [f'| arm | train acc | test acc | wall-clock s | {mem} | time / e2e | memory / e2e |',
-             '|---|---:|---:|---:|---:|---:|---:|']
+    tens = any('tensor_mb' in r for r in rows)   # `--tensor-memory`: two more columns
+    lines = [f'| arm | train acc | test acc | wall-clock s | {mem} | time / e2e | memory / e2e |' +
+             (' peak tensor MB | tensor / e2e |' if tens else ''), '|---|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if tens else '')]
     for r in rows:
-        if 'error' in r: lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:120]} ||||||"); continue
+        if 'error' in r: lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:120]} ||||||" + ('||' if tens else '')); continue
         lines.append(f"| {r['arm']} | {_fmt(r['train_acc'], '.4f')} | {_fmt(r['test_acc'], '.4f')} | "
                      f"{_fmt(r['train_s'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {_fmt(ratio(r, 'train_s'), '.2f')} | "
-                     f"{_fmt(ratio(r, 'peak_mb'), '.2f')} |")
+                     f"{_fmt(ratio(r, 'peak_mb'), '.2f')} |" +
+                     (f" {_fmt(r.get('tensor_mb'), '.0f')} | {_fmt(ratio(r, 'tensor_mb'), '.2f')} |" if tens else ''))
     if memory: lines.append(f'\nMemory: {memory}. Wall-clock: training only, without the per-epoch validation.')
+    if tens: lines.append('Peak tensor MB: live tensors of one profiled training step per epoch, with all parameters (`TensorMemory`): '
+                          'what a GPU would hold. Profiling slows the run: quote times from a run without --tensor-memory.')
     return '\n'.join(lines)
 
 # %% ../nbs/05_bench.ipynb #c033
@@ -444,12 +499,13 @@ def bench_figures(
 ) -> list:
     "Test accuracy vs wall-clock for every arm; snapshot ensemble size vs accuracy; BoostResNet depth if `cb.plot` failed"
     out, made = Path(out), []
-    fig, ax = _figure()
-    for arm, pts in res['curves'].items():
-        pts = [(s, a) for s, a in pts if a is not None]
-        if pts: ax.plot(*zip(*pts), marker='o', ms=3, label=arm, ls='--' if arm == 'boost+e2e' else '-')   # dashed: it retraces boost
-    ax.set(xlabel='training wall-clock (s)', ylabel='test accuracy', title=f"{res['config']['arch']} on {res['config']['dataset']}")
-    ax.legend(); fig.savefig(out/'accuracy_vs_time.png', dpi=120, bbox_inches='tight'); made.append('accuracy_vs_time.png')
+    curves = {arm: [(s, a) for s, a in pts if a is not None] for arm, pts in res['curves'].items()}
+    if any(curves.values()):
+        fig, ax = _figure()
+        for arm, pts in curves.items():
+            if pts: ax.plot(*zip(*pts), marker='o', ms=3, label=arm, ls='--' if arm == 'boost+e2e' else '-')   # dashed: it retraces boost
+        ax.set(xlabel='training wall-clock (s)', ylabel='test accuracy', title=f"{res['config']['arch']} on {res['config']['dataset']}")
+        ax.legend(); fig.savefig(out/'accuracy_vs_time.png', dpi=120, bbox_inches='tight'); made.append('accuracy_vs_time.png')
     ens = res['extra'].get('snapshot_ensemble')
     if ens:
         fig, ax = _figure()
@@ -466,6 +522,14 @@ def bench_figures(
         ax.set(xlabel='block (depth)', title='BoostResNet per block'); ax.legend()
         fig.savefig(out/'boost_depth.png', dpi=120, bbox_inches='tight')
     if (out/'boost_depth.png').exists(): made.append('boost_depth.png')
+    tens = {r['arm']: r['tensor_mb_epochs'] for r in res.get('rows', []) if r.get('tensor_mb_epochs')}
+    if 'boost' in tens:   # `--tensor-memory`: what each block's stage would hold on a GPU, against end to end
+        fig, ax = _figure()
+        ax.bar(range(len(tens['boost'])), tens['boost'], label='boost: stage of block k')
+        if 'e2e' in tens: ax.axhline(max(tens['e2e']), color='C3', ls='--', label='e2e')
+        ax.set(xlabel='block (depth)', ylabel='peak tensor MB', title='training-step memory per BoostResNet stage',
+               xticks=range(0, len(tens['boost']), 2)); ax.legend()
+        fig.savefig(out/'tensor_memory.png', dpi=120, bbox_inches='tight'); made.append('tensor_memory.png')
     return made
 
 # %% ../nbs/05_bench.ipynb #c035

@@ -281,8 +281,8 @@ class BoostResNetCallback(Callback):
         prev = self.heads[k-1] if (self.loss_type == 'boost' and k > 0) else None
         self.stage = _Stage(self.blocks[:k], block, head, prev, self.alpha_prev)
         self.stage.train(getattr(learn, 'training', True))   # frozen prefix to eval now, not at the next epoch
-        for p in self.user_model.parameters(): p.requires_grad_(False)
-        for h in self.heads: h.requires_grad_(False)
+        for p in [*self.user_model.parameters(), *(q for h in self.heads for q in h.parameters())]:
+            p.requires_grad_(False); p.grad = None   # a frozen block's gradient is dead memory (and a previous fit's, too)
         for p in params(block) + params(head): p.requires_grad_(True)
         if self.do_cache:
             self.stage.from_features = True

@@ -46,6 +46,20 @@ def test_every_arm_end_to_end(tmp_path):
     assert table.strip() == res['table'].strip() and res['table'] in r.stdout
     assert table.splitlines()[2].startswith('| e2e |') and table.splitlines()[2].endswith('| 1.00 | 1.00 |')
 
+def test_tensor_memory_columns(tmp_path):
+    "`--tensor-memory`: a peak per epoch (per block for boost) in each row, the two table columns and the per-block figure"
+    out = tmp_path/'out'
+    r = subprocess.run([sys.executable, '-m', 'fastboost.bench', *TINY, '--arms', 'e2e,boost', '--block-cache', 'on',
+                        '--tensor-memory', '--out', str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads((out/'bench.json').read_text())
+    e2e, boost = res['rows']
+    assert len(e2e['tensor_mb_epochs']) == 2 and len(boost['tensor_mb_epochs']) == res['extra']['n_blocks'] == 9
+    assert e2e['tensor_mb'] == max(e2e['tensor_mb_epochs']) and boost['tensor_mb'] == max(boost['tensor_mb_epochs'])
+    assert boost['tensor_mb'] < e2e['tensor_mb']   # one block's step against the whole net's
+    assert '| peak tensor MB | tensor / e2e |' in res['table'] and res['table'].splitlines()[2].endswith('| 1.00 |')
+    assert 'tensor_memory.png' in res['figures'] and (out/'tensor_memory.png').stat().st_size > 1000
+
 @pytest.mark.parametrize('args,msg', [
     (['--arch', 'resnet5000'], 'unknown arch'),
     (['--dataset', 'cifar10', '--data', '/no/such/folder'], 'does not exist'),
