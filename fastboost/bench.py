@@ -216,6 +216,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--cycles', type=int, help="snapshot cycles (default: min(5, epochs))")
     a('--t0', type=float, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper)")
     a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
+    a('--scale-lr', action=argparse.BooleanOptionalAction, default=True, help="FreezeOut: start block i at lr/t_i, as in the paper")
     a('--bs', type=int, help="batch size (default: dataset)")
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
@@ -373,6 +374,10 @@ def _import_cb(arm, module, name):
 
 def _acc(probs, targs): return (probs.argmax(-1) == targs).float().mean().item()
 
+def _train_eval_idx(n, seed, k=10_000):
+    "A seeded random sample of at most `k` of `n` training images for the train accuracy: folder datasets come sorted by class"
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+
 def _records(df):
     "A callback's report (DataFrame or list) as JSON-able records"
     if callable(df): df = df()
@@ -406,8 +411,8 @@ def run_job(
     dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
     learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
     if cfg['fp16']: learn.to_fp16()
-    n_eval = min(len(xt), 10_000)
-    train_dl = dls.valid.new(type(dls.train.dataset)(xt[:n_eval], yt[:n_eval]))   # no augmentation, eval mode
+    ev = _train_eval_idx(len(xt), cfg['seed'])
+    train_dl = dls.valid.new(type(dls.train.dataset)(xt[ev], yt[ev]))   # no augmentation, eval mode
     clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
     tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
     if tm: learn.add_cb(tm)
@@ -443,7 +448,7 @@ def run_job(
             row('boost+e2e')
     elif arms == ['freezeout']:
         FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
-        cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=True)
+        cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', True))
         learn.fit(epochs, lr, cbs=cb)
         res['extra']['freezeout'] = _records(cb.report)
         res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving

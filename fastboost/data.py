@@ -13,9 +13,10 @@ from fasttransform import Transform, DisplayedTransform
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorImage, TensorCategory, default_device
+from fastcore.basics import chunked
 
 # %% auto #0
-__all__ = ['ToFloatNorm', 'PadCropFlip', 'tensor_dls', 'ifnone_device', 'digits_tensors', 'digits_dls']
+__all__ = ['ToFloatNorm', 'PadCropFlip', 'TensorDL', 'tensor_dls', 'ifnone_device', 'digits_tensors', 'digits_dls']
 
 # %% ../nbs/00_data.ipynb #c005
 class ToFloatNorm(DisplayedTransform):
@@ -50,6 +51,14 @@ class _TensorDS(torch.utils.data.Dataset):
     def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
     def new_empty(self): return type(self)(self.x[:0], self.y[:0])   # what `Learner.export` keeps of the data
 
+class TensorDL(TfmdDL):
+    "A `TfmdDL` that indexes its `_TensorDS` once per batch, not once per item"
+    def create_batches(self, samps):
+        if not isinstance(self.dataset, _TensorDS): yield from super().create_batches(samps); return
+        for b in chunked(samps, self.bs, self.drop_last):   # fastai's order, batch size and drop_last
+            i = torch.as_tensor(b, dtype=torch.long)
+            yield TensorImage(self.dataset.x[i]), TensorCategory(self.dataset.y[i])
+
 def tensor_dls(
     x_train:torch.Tensor, # uint8 images (N, C, H, W) for training
     y_train:torch.Tensor, # int64 labels
@@ -69,9 +78,9 @@ def tensor_dls(
     mean, std = xf.mean((0,2,3)).tolist(), xf.std((0,2,3)).clamp_min(1e-3).tolist()
     tfms = [ToFloatNorm(mean, std)] + ([PadCropFlip()] if aug else [])
     device = ifnone_device(device)
-    trn = TfmdDL(_TensorDS(x_train, y_train), bs=bs, shuffle=True, drop_last=len(x_train)>bs,
+    trn = TensorDL(_TensorDS(x_train, y_train), bs=bs, shuffle=True, drop_last=len(x_train)>bs,
                  after_batch=tfms, device=device, num_workers=num_workers, **kwargs)
-    val = TfmdDL(_TensorDS(x_valid, y_valid), bs=bs*2, shuffle=False, after_batch=tfms,
+    val = TensorDL(_TensorDS(x_valid, y_valid), bs=bs*2, shuffle=False, after_batch=tfms,
                  device=device, num_workers=num_workers, **kwargs)
     trn.after_batch.split_idx, val.after_batch.split_idx = 0, 1   # augmentation on the training set only
     dls = DataLoaders(trn, val)
