@@ -54,7 +54,8 @@ class _TensorDS(torch.utils.data.Dataset):
 class TensorDL(TfmdDL):
     "A `TfmdDL` that indexes its `_TensorDS` once per batch, not once per item"
     def create_batches(self, samps): # item indices in fastai's sampling order
-        if not isinstance(self.dataset, _TensorDS): yield from super().create_batches(samps); return
+        if not isinstance(self.dataset, _TensorDS) or self.after_item.fs or self.before_batch.fs:   # per-item work asked for
+            yield from super().create_batches(samps); return
         for b in chunked(samps, self.bs, self.drop_last):   # fastai's order, batch size and drop_last
             i = torch.as_tensor(b, dtype=torch.long)
             yield TensorImage(self.dataset.x[i]), TensorCategory(self.dataset.y[i])
