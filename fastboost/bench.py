@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/bench.html.md"""
 
 # %% ../nbs/05_bench.ipynb #c002
 from __future__ import annotations
-import argparse, hashlib, json, math, os, platform, resource, sys, time, traceback, warnings
+import argparse, hashlib, json, math, os, pickle, platform, resource, sys, time, traceback, warnings
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -26,8 +26,8 @@ from .blocks import body_blocks, pytorchcv_arch
 
 # %% auto #0
 __all__ = ['ARMS', 'DATASET_DEFAULTS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors', 'cifar10_tensors',
-           'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory', 'run_job',
-           'bench_table', 'bench_figures', 'run_bench', 'main']
+           'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory', 'memory_peak',
+           'run_job', 'bench_table', 'bench_figures', 'run_bench', 'main']
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
@@ -233,6 +233,8 @@ def bench_parser() -> argparse.ArgumentParser:
       help="BoostResNet feature cache: auto = only without augmentation; on = cache the un-augmented images' features (the block-wise phase then trains without augmentation)")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--tensor-memory', action='store_true', help="CPU: also profile one iteration per epoch for the peak of live tensors (what a GPU would hold; see TensorMemory); slows training a little")
+    a('--memory-history', type=int, metavar='N', help="GPU: record the CUDA allocator's last N events with their stack traces; "
+      "writes memory_<arms>.pickle per job and the peak's largest allocations to bench.json (see memory_peak). Keep the run short")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
     return p
@@ -253,6 +255,9 @@ def parse_args(
     if args.device.startswith('cuda') and not torch.cuda.is_available(): raise BenchError("--device cuda but no GPU is visible")
     if args.tensor_memory and not args.device.startswith('cpu'):
         raise BenchError("--tensor-memory measures CPU runs; on a GPU the table's memory column is already the allocator's peak")
+    if args.memory_history is not None and (args.memory_history < 1 or not args.device.startswith('cuda')):
+        raise BenchError("--memory-history N records the last N >= 1 events of the CUDA allocator: it needs a GPU "
+                         "(on a CPU, --tensor-memory profiles the tensors of a training step instead)")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
     if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
@@ -335,6 +340,47 @@ class TensorMemory(Callback):
         return max(peak, live) + sum(resident.values())
 
 
+# %% ../nbs/05_bench.ipynb #mh01
+def memory_peak(
+    snapshot:dict,         # from `torch.cuda.memory._snapshot()`, taken while `_record_memory_history` was on
+    top:int=12,            # how many of the largest allocations to list
+    frames:int=6,          # stack frames kept per allocation, the allocator's own left out
+    max_entries:int=None,  # the `max_entries` the history was recorded with: a trace that long has lost its start
+) -> dict:
+    "The allocator's peak in a CUDA memory snapshot's trace, and the largest allocations alive at that moment"
+    from torch.cuda._memory_viz import _frames_fmt
+    traces = snapshot['device_traces']
+    dev = max(range(len(traces)), key=lambda i: len(traces[i]), default=None)
+    trace = traces[dev] if dev is not None else []
+    # alive when the trace starts: freed before the trace allocates them, or alive at the end and never in the trace
+    seen, start = set(), {}
+    for e in trace:
+        if e['action'] == 'alloc': seen.add(e['addr'])
+        elif e['action'] == 'free_completed' and e['addr'] not in seen:
+            start[e['addr']] = (e['size'], e.get('frames', [])); seen.add(e['addr'])
+    for s in snapshot['segments']:
+        if s.get('device', dev) != dev: continue
+        for b in s['blocks']:
+            if b['state'] == 'active_allocated' and b['address'] not in seen: start[b['address']] = (b['size'], b.get('frames', []))
+    def replay(stop):
+        "Allocations alive after the first `stop` events; the highest total on the way and the event where it was reached"
+        alive, total = dict(start), sum(v[0] for v in start.values())
+        best, at = total, -1
+        for i, e in enumerate(trace[:stop]):
+            if e['action'] == 'alloc': alive[e['addr']] = (e['size'], e.get('frames', [])); total += e['size']
+            elif e['action'] == 'free_completed' and e['addr'] in alive: total -= alive.pop(e['addr'])[0]
+            if total > best: best, at = total, i
+        return best, at, alive
+    peak, at, _ = replay(len(trace))
+    alive = replay(at + 1)[2]
+    def where(fr):
+        fs = [f for f in _frames_fmt(fr) if not any(k in f for k in ('Allocator', 'malloc', 'allocate'))]
+        return ' < '.join(fs[:frames]) or 'alive before the recording started'
+    big = sorted(alive.values(), key=lambda v: -v[0])[:top]
+    return dict(peak_mb=round(peak/2**20, 1), at_event=at, events=len(trace),
+                truncated=max_entries is not None and len(trace) >= max_entries,
+                top=[dict(mb=round(s/2**20, 1), where=where(fr)) for s, fr in big])
+
 # %% ../nbs/05_bench.ipynb #c027
 class _Clock(Callback):
     "Training wall-clock without validation, and (seconds, test accuracy) after each epoch"
@@ -407,6 +453,8 @@ def run_job(
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
     mem = PeakMemory(dev).start()
+    hist = cfg.get('memory_history')
+    if hist: torch.cuda.memory._record_memory_history(max_entries=hist)
     set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
     dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
     learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
@@ -464,6 +512,11 @@ def run_job(
         if cfg['cycles'] > 1:
             row(f"snapshot-ens{cfg['cycles']}", _acc(*cb.get_preds(dl=train_dl, last=cfg['cycles'])), ens[-1][1])
     else: raise BenchError(f"unknown arm(s) {arms}")
+    if hist:   # the allocator's trace of the whole job: where its peak was, and the pickle for pytorch.org/memory_viz
+        snap, name = torch.cuda.memory._snapshot(), '+'.join(arms)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        (out/f'memory_{name}.pickle').write_bytes(pickle.dumps(snap))
+        res['extra'][f'memory_peak_{name}'] = memory_peak(snap, max_entries=hist)
     res['memory'], res['total_s'] = mem.how, round(time.perf_counter() - t_all, 3)
     return res
 
