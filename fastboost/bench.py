@@ -235,6 +235,8 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--tensor-memory', action='store_true', help="CPU: also profile one iteration per epoch for the peak of live tensors (what a GPU would hold; see TensorMemory); slows training a little")
     a('--memory-history', type=int, metavar='N', help="GPU: record the CUDA allocator's last N events with their stack traces; "
       "writes memory_<arms>.pickle per job and the peak's largest allocations to bench.json (see memory_peak). Keep the run short")
+    a('--memory-cap', type=float, metavar='MB', help="GPU: let the CUDA allocator hold at most MB (torch.cuda.set_per_process_memory_fraction); "
+      "a job that finishes under the cap needed no more, workspaces included")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
     return p
@@ -258,6 +260,8 @@ def parse_args(
     if args.memory_history is not None and (args.memory_history < 1 or not args.device.startswith('cuda')):
         raise BenchError("--memory-history N records the last N >= 1 events of the CUDA allocator: it needs a GPU "
                          "(on a CPU, --tensor-memory profiles the tensors of a training step instead)")
+    if args.memory_cap is not None and (args.memory_cap <= 0 or not args.device.startswith('cuda')):
+        raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
     if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
@@ -453,6 +457,8 @@ def run_job(
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
     mem = PeakMemory(dev).start()
+    if cfg.get('memory_cap'):   # what the allocator may reserve; cuDNN then picks algorithms whose workspace fits
+        torch.cuda.set_per_process_memory_fraction(min(1., cfg['memory_cap']*2**20/torch.cuda.get_device_properties(dev).total_memory), dev)
     hist = cfg.get('memory_history')
     if hist: torch.cuda.memory._record_memory_history(max_entries=hist)
     set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
