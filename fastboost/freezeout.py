@@ -10,6 +10,7 @@ from __future__ import annotations
 import math, time, warnings
 import numpy as np, pandas as pd, torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
@@ -166,10 +167,12 @@ class FreezeOutCallback(Callback):
         scale_lr:bool=True,    # start block $i$ at lr/$t_i$, so every block gets the same total learning rate
         cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
+        frozen_bn:str='eval',  # a frozen block's BatchNorm: 'eval' = its running statistics, 'batch' = batch statistics as in training
     ):
         _check_args(t0, schedule)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
-        self.t0, self.schedule, self.scale_lr, self.cost, self.timing = t0, schedule, scale_lr, cost, timing
+        if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
+        self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
         self.report, self.speedup, self._active = None, {}, False
 
     # fastai sets `cb.learn = None` in a `finally` when `fit(..., cbs=cb)` ends: after an exception (where fastai
@@ -198,7 +201,7 @@ class FreezeOutCallback(Callback):
         # everything checked: from here on we change the learner, and `restore` undoes it
         self._lrn, self.blocks, self.total_iters = lrn, blocks, T
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
-        self._modes, self.n_frozen, self.k, self._times, self._costs = {}, 0, 0, [], None
+        self._modes, self.n_frozen, self.k, self._times, self._costs, self._untracked = {}, 0, 0, [], None, []
         self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
         self._active = True
         splitter = lrn.splitter
@@ -240,7 +243,14 @@ class FreezeOutCallback(Callback):
                              "`learn.distrib_ctx()`, or build it with find_unused_parameters=True")
 
     def before_train(self):
-        for b in self.blocks[:self.n_frozen]: b.eval()   # `TrainEvalCallback` just put the whole model in train mode
+        for b in self.blocks[:self.n_frozen]: self._frozen_mode(b)   # `TrainEvalCallback` just put the whole model in train mode
+
+    def _frozen_mode(self, b):
+        "Eval mode for a frozen block; with `frozen_bn='batch'` its BatchNorm layers keep normalizing with batch statistics"
+        b.eval()
+        if self.frozen_bn == 'eval': return
+        for m in b.modules():
+            if isinstance(m, _BatchNorm): m.train()   # `track_running_stats=False` (`_freeze`): batch statistics, nothing updated
 
     def before_batch(self):
         self.k = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
@@ -271,7 +281,11 @@ class FreezeOutCallback(Callback):
         "Freeze block `i`: out of autograd and the optimizer's updates, BatchNorm statistics fixed"
         b = self.blocks[i]
         self._modes[i] = [(m, m.training) for m in b.modules()]
-        b.eval()
+        if self.frozen_bn == 'batch':
+            bns = [m for m in b.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+            for m in bns: m.track_running_stats = False
+            self._untracked += bns
+        self._frozen_mode(b)
         for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
         self.n_frozen = i+1
 
@@ -317,6 +331,7 @@ class FreezeOutCallback(Callback):
         self._active = False
         lrn, opt = self._lrn, self._lrn.opt
         for p,rg in self._rg: p.requires_grad_(rg)
+        for m in self._untracked: m.track_running_stats = True
         if lrn.model.training:   # interrupted mid-epoch: the blocks go back to the modes they had when frozen
             for ms in self._modes.values():
                 for m,t in ms: m.train(t)
@@ -324,6 +339,7 @@ class FreezeOutCallback(Callback):
         # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
         if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
         lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
+        self._untracked = []
 
 # %% ../nbs/03_freezeout.ipynb #c016
 @patch
@@ -337,8 +353,9 @@ def fit_freezeout(self:Learner,
     wd:float=None,         # weight decay (default `learn.wd`)
     cbs=None,              # more callbacks for this fit
     reset_opt:bool=False,  # reset the optimizer first
+    frozen_bn:str='eval',  # a frozen block's BatchNorm: 'eval' (running statistics) or 'batch' (batch statistics)
 ) -> FreezeOutCallback:
     "Fit with FreezeOut; returns the callback, whose `report` and `speedup` describe the run"
-    cb = FreezeOutCallback(t0, schedule, scale_lr, cost)
+    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn)
     self.fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
