@@ -235,7 +235,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--tensor-memory', action='store_true', help="CPU: also profile one iteration per epoch for the peak of live tensors (what a GPU would hold; see TensorMemory); slows training a little")
     a('--memory-history', type=int, metavar='N', help="GPU: record the CUDA allocator's last N events with their stack traces; "
-      "writes memory_<arms>.pickle per job and the peak's largest allocations to bench.json (see memory_peak). Keep the run short")
+      "writes memory_<arms>.pickle per job and the peak's largest allocations to bench.json (see memory_peak). Keep the run short; recording slows it, so do not quote its times")
     a('--memory-cap', type=float, metavar='MB', help="GPU: let the CUDA allocator hold at most MB (torch.cuda.set_per_process_memory_fraction); "
       "a job that finishes under the cap needed no more, workspaces included")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
@@ -261,7 +261,7 @@ def parse_args(
     if args.memory_history is not None and (args.memory_history < 1 or not args.device.startswith('cuda')):
         raise BenchError("--memory-history N records the last N >= 1 events of the CUDA allocator: it needs a GPU "
                          "(on a CPU, --tensor-memory profiles the tensors of a training step instead)")
-    if args.memory_cap is not None and (args.memory_cap <= 0 or not args.device.startswith('cuda')):
+    if args.memory_cap is not None and (not args.memory_cap > 0 or not args.device.startswith('cuda')):
         raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
     if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
@@ -352,35 +352,39 @@ def memory_peak(
     frames:int=6,          # stack frames kept per allocation, the allocator's own left out
     max_entries:int=None,  # the `max_entries` the history was recorded with: a trace that long has lost its start
 ) -> dict:
-    "The allocator's peak in a CUDA memory snapshot's trace, and the largest allocations alive at that moment"
+    "The allocator's peak of requested bytes in a CUDA memory snapshot's trace, and the largest allocations alive then"
     from torch.cuda._memory_viz import _frames_fmt
     traces = snapshot['device_traces']
     dev = max(range(len(traces)), key=lambda i: len(traces[i]), default=None)
     trace = traces[dev] if dev is not None else []
-    # alive when the trace starts: freed before the trace allocates them, or alive at the end and never in the trace
+    # the allocator counts a block as freed at `free_requested` (`free_completed` may come later, once other streams are
+    # done with it). Alive when the trace starts: freed in it before it allocates them, or alive at the end and not in it
     seen, start = set(), {}
     for e in trace:
         if e['action'] == 'alloc': seen.add(e['addr'])
-        elif e['action'] == 'free_completed' and e['addr'] not in seen:
-            start[e['addr']] = (e['size'], e.get('frames', [])); seen.add(e['addr'])
+        elif e['action'] in ('free_requested', 'free_completed') and e['addr'] not in seen:
+            seen.add(e['addr'])   # a `free_completed` first: requested before the trace, not counted at its start
+            if e['action'] == 'free_requested': start[e['addr']] = (e['size'], [])
     for s in snapshot['segments']:
         if s.get('device', dev) != dev: continue
         for b in s['blocks']:
-            if b['state'] == 'active_allocated' and b['address'] not in seen: start[b['address']] = (b['size'], b.get('frames', []))
+            if b['state'] == 'active_allocated' and b['address'] not in seen:
+                start[b['address']] = (b.get('requested_size', b['size']), b.get('frames', []))
     def replay(stop):
         "Allocations alive after the first `stop` events; the highest total on the way and the event where it was reached"
         alive, total = dict(start), sum(v[0] for v in start.values())
         best, at = total, -1
         for i, e in enumerate(trace[:stop]):
             if e['action'] == 'alloc': alive[e['addr']] = (e['size'], e.get('frames', [])); total += e['size']
-            elif e['action'] == 'free_completed' and e['addr'] in alive: total -= alive.pop(e['addr'])[0]
+            elif e['action'] == 'free_requested' and e['addr'] in alive: total -= alive.pop(e['addr'])[0]
             if total > best: best, at = total, i
         return best, at, alive
     peak, at, _ = replay(len(trace))
     alive = replay(at + 1)[2]
     def where(fr):
         fs = [f for f in _frames_fmt(fr) if not any(k in f for k in ('Allocator', 'malloc', 'allocate'))]
-        return ' < '.join(fs[:frames]) or 'alive before the recording started'
+        py = next((f for f in fs[frames:] if '.py:' in f), None)   # C++ frames come first: add the innermost Python one
+        return ' < '.join(fs[:frames] + ([f'... {py}'] if py else [])) or 'alive before the recording started'
     big = sorted(alive.values(), key=lambda v: -v[0])[:top]
     return dict(peak_mb=round(peak/2**20, 1), at_event=at, events=len(trace),
                 truncated=max_entries is not None and len(trace) >= max_entries,
@@ -458,74 +462,81 @@ def run_job(
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
     mem = PeakMemory(dev).start()
-    if cfg.get('memory_cap'):   # what the allocator may reserve; cuDNN then picks algorithms whose workspace fits
-        torch.cuda.set_per_process_memory_fraction(min(1., cfg['memory_cap']*2**20/torch.cuda.get_device_properties(dev).total_memory), dev)
-    hist = cfg.get('memory_history')
+    cap, hist = cfg.get('memory_cap'), cfg.get('memory_history')
+    if cap:   # what the allocator may reserve; cuDNN then picks algorithms whose workspace fits
+        total = torch.cuda.get_device_properties(dev).total_memory
+        if cap*2**20 > total: warnings.warn(f"--memory-cap {cap:g} MB is more than the GPU's {total/2**20:.0f} MB: no cap")
+        torch.cuda.set_per_process_memory_fraction(min(1., cap*2**20/total), dev)
     if hist: torch.cuda.memory._record_memory_history(max_entries=hist)
-    set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
-    dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
-    learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
-    if cfg['fp16']: learn.to_fp16()
-    ev = _train_eval_idx(len(xt), cfg['seed'])
-    train_dl = dls.valid.new(type(dls.train.dataset)(xt[ev], yt[ev]))   # no augmentation, eval mode
-    clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
-    tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
-    if tm: learn.add_cb(tm)
     res = dict(rows=[], curves={}, extra={}, memory=None)
-    t_all = time.perf_counter()
-    def row(arm, train_acc=None, test_acc=None):
-        if test_acc is None: test_acc = float(learn.validate()[1])
-        if train_acc is None: train_acc = float(learn.validate(dl=train_dl)[1])
-        res['rows'].append(dict(arm=arm, train_acc=train_acc, test_acc=test_acc, train_s=round(clock.elapsed, 3),
-                                peak_mb=round(mem.peak()/2**20, 1)))
-        if tm and tm.peaks:   # the arm's peak so far, and per epoch (per block for boost)
-            res['rows'][-1].update(tensor_mb=round(max(tm.peaks)/2**20, 1), tensor_mb_epochs=[round(p/2**20, 1) for p in tm.peaks])
-        if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
-    lr, epochs = cfg['lr'], cfg['epochs']
-    if arms == ['e2e']:
-        learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
-        row('e2e')
-    elif arms[0].startswith('boost'):
-        Boost = _import_cb(arms[0], 'boost', 'BoostResNetCallback')
-        n_blocks = len(body_blocks(learn.model))
-        learn.opt_func, learn.opt = _opt_func('adam'), None   # the study: AdamW defaults for the blocks
-        cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')])
-        learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
-        res['extra']['boost_blocks'] = _records(cb.report)
-        res['extra']['n_blocks'] = n_blocks
-        try:
-            fig = cb.plot(); fig.savefig(out/'boost_depth.png', dpi=120, bbox_inches='tight')
-        except Exception as e: res['extra']['boost_plot_error'] = f'{type(e).__name__}: {e}'
-        if 'boost' in arms: row('boost')
-        if 'boost+e2e' in arms:
-            learn.opt_func, learn.opt = _opt_func(cfg['opt']), None
-            learn.fit_one_cycle(cfg['ft_epochs'], cfg['ft_lr'])
-            row('boost+e2e')
-    elif arms == ['freezeout']:
-        FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
-        cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', True),
-                        frozen_bn=cfg.get('frozen_bn', 'eval'))
-        learn.fit(epochs, lr, cbs=cb)
-        res['extra']['freezeout'] = _records(cb.report)
-        res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scale_lr, frozen_bn=cb.frozen_bn)
-        res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
-        row('freezeout')
-    elif arms == ['snapshot']:
-        Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
-        cb = Snap(n_cycles=cfg['cycles'])
-        learn.fit(epochs, lr, cbs=cb)
-        ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, cfg['cycles']+1)]
-        res['extra']['snapshot_ensemble'] = ens
-        res['extra']['snapshot'] = _records(cb.report)
-        row('snapshot', _acc(*cb.get_preds(dl=train_dl, last=1)), ens[0][1])
-        if cfg['cycles'] > 1:
-            row(f"snapshot-ens{cfg['cycles']}", _acc(*cb.get_preds(dl=train_dl, last=cfg['cycles'])), ens[-1][1])
-    else: raise BenchError(f"unknown arm(s) {arms}")
-    if hist:   # the allocator's trace of the whole job: where its peak was, and the pickle for pytorch.org/memory_viz
-        snap, name = torch.cuda.memory._snapshot(), '+'.join(arms)
-        torch.cuda.memory._record_memory_history(enabled=None)
-        (out/f'memory_{name}.pickle').write_bytes(pickle.dumps(snap))
-        res['extra'][f'memory_peak_{name}'] = memory_peak(snap, max_entries=hist)
+    try:
+        set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
+        dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
+        learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
+        if cfg['fp16']: learn.to_fp16()
+        ev = _train_eval_idx(len(xt), cfg['seed'])
+        train_dl = dls.valid.new(type(dls.train.dataset)(xt[ev], yt[ev]))   # no augmentation, eval mode
+        clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
+        tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
+        if tm: learn.add_cb(tm)
+        t_all = time.perf_counter()
+        def row(arm, train_acc=None, test_acc=None):
+            if test_acc is None: test_acc = float(learn.validate()[1])
+            if train_acc is None: train_acc = float(learn.validate(dl=train_dl)[1])
+            res['rows'].append(dict(arm=arm, train_acc=train_acc, test_acc=test_acc, train_s=round(clock.elapsed, 3),
+                                    peak_mb=round(mem.peak()/2**20, 1)))
+            if tm and tm.peaks:   # the arm's peak so far, and per epoch (per block for boost)
+                res['rows'][-1].update(tensor_mb=round(max(tm.peaks)/2**20, 1), tensor_mb_epochs=[round(p/2**20, 1) for p in tm.peaks])
+            if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
+        lr, epochs = cfg['lr'], cfg['epochs']
+        if arms == ['e2e']:
+            learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
+            row('e2e')
+        elif arms[0].startswith('boost'):
+            Boost = _import_cb(arms[0], 'boost', 'BoostResNetCallback')
+            n_blocks = len(body_blocks(learn.model))
+            learn.opt_func, learn.opt = _opt_func('adam'), None   # the study: AdamW defaults for the blocks
+            cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')])
+            learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
+            res['extra']['boost_blocks'] = _records(cb.report)
+            res['extra']['n_blocks'] = n_blocks
+            try:
+                fig = cb.plot(); fig.savefig(out/'boost_depth.png', dpi=120, bbox_inches='tight')
+            except Exception as e: res['extra']['boost_plot_error'] = f'{type(e).__name__}: {e}'
+            if 'boost' in arms: row('boost')
+            if 'boost+e2e' in arms:
+                learn.opt_func, learn.opt = _opt_func(cfg['opt']), None
+                learn.fit_one_cycle(cfg['ft_epochs'], cfg['ft_lr'])
+                row('boost+e2e')
+        elif arms == ['freezeout']:
+            FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
+            cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', True),
+                            frozen_bn=cfg.get('frozen_bn', 'eval'))
+            learn.fit(epochs, lr, cbs=cb)
+            res['extra']['freezeout'] = _records(cb.report)
+            res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scale_lr, frozen_bn=cb.frozen_bn)
+            res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
+            row('freezeout')
+        elif arms == ['snapshot']:
+            Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
+            cb = Snap(n_cycles=cfg['cycles'])
+            learn.fit(epochs, lr, cbs=cb)
+            ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, cfg['cycles']+1)]
+            res['extra']['snapshot_ensemble'] = ens
+            res['extra']['snapshot'] = _records(cb.report)
+            row('snapshot', _acc(*cb.get_preds(dl=train_dl, last=1)), ens[0][1])
+            if cfg['cycles'] > 1:
+                row(f"snapshot-ens{cfg['cycles']}", _acc(*cb.get_preds(dl=train_dl, last=cfg['cycles'])), ens[-1][1])
+        else: raise BenchError(f"unknown arm(s) {arms}")
+    finally:   # also when the job failed (out of memory under --memory-cap): the trace shows where
+        if cap: torch.cuda.set_per_process_memory_fraction(1., dev)
+        if hist:   # the allocator's trace of the whole job: where its peak was, and the pickle for pytorch.org/memory_viz
+            snap, name = torch.cuda.memory._snapshot(), '+'.join(arms)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            (out/f'memory_{name}.pickle').write_bytes(pickle.dumps(snap))
+            st = torch.cuda.memory_stats(dev)
+            res['extra'][f'memory_peak_{name}'] = dict(memory_peak(snap, max_entries=hist),
+                max_allocated_mb=round(st['allocated_bytes.all.peak']/2**20, 1), max_requested_mb=round(st['requested_bytes.all.peak']/2**20, 1))
     res['memory'], res['total_s'] = mem.how, round(time.perf_counter() - t_all, 3)
     return res
 
@@ -629,7 +640,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule}{'' if args.scale_lr else ' no-scale-lr'} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__
