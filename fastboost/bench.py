@@ -217,7 +217,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--t0', type=float, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper)")
     a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
     a('--scale-lr', action=argparse.BooleanOptionalAction, default=True, help="FreezeOut: start block i at lr/t_i, as in the paper")
-    a('--frozen-bn', choices=['eval', 'batch'], default='eval', help="FreezeOut: a frozen block's BatchNorm uses its running statistics (eval) or batch statistics (batch)")
+    a('--frozen-bn', choices=['batch', 'eval'], default='batch', help="FreezeOut: a frozen block's BatchNorm uses batch statistics (batch) or its running statistics (eval, the paper)")
     a('--bs', type=int, help="batch size (default: dataset)")
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
@@ -511,7 +511,7 @@ def run_job(
         elif arms == ['freezeout']:
             FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
             cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', True),
-                            frozen_bn=cfg.get('frozen_bn', 'eval'))
+                            frozen_bn=cfg.get('frozen_bn', 'batch'))
             learn.fit(epochs, lr, cbs=cb)
             res['extra']['freezeout'] = _records(cb.report)
             res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scale_lr, frozen_bn=cb.frozen_bn)

@@ -167,7 +167,7 @@ class FreezeOutCallback(Callback):
         scale_lr:bool=True,    # start block $i$ at lr/$t_i$, so every block gets the same total learning rate
         cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
-        frozen_bn:str='eval',  # a frozen block's BatchNorm: 'eval' = its running statistics, 'batch' = batch statistics as in training
+        frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
     ):
         _check_args(t0, schedule)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
@@ -246,7 +246,7 @@ class FreezeOutCallback(Callback):
         for b in self.blocks[:self.n_frozen]: self._frozen_mode(b)   # `TrainEvalCallback` just put the whole model in train mode
 
     def _frozen_mode(self, b):
-        "Eval mode for a frozen block; with `frozen_bn='batch'` its BatchNorm layers keep normalizing with batch statistics"
+        "Eval mode for a frozen block, but with `frozen_bn='batch'` its BatchNorm layers keep normalizing with batch statistics"
         b.eval()
         if self.frozen_bn == 'eval': return
         for m in b.modules():
@@ -353,7 +353,7 @@ def fit_freezeout(self:Learner,
     wd:float=None,         # weight decay (default `learn.wd`)
     cbs=None,              # more callbacks for this fit
     reset_opt:bool=False,  # reset the optimizer first
-    frozen_bn:str='eval',  # a frozen block's BatchNorm: 'eval' (running statistics) or 'batch' (batch statistics)
+    frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics)
 ) -> FreezeOutCallback:
     "Fit with FreezeOut; returns the callback, whose `report` and `speedup` describe the run"
     cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn)
