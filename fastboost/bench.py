@@ -451,6 +451,13 @@ def _exit_with(pid, every=2.):
             except PermissionError: pass
     threading.Thread(target=watch, daemon=True).start()
 
+def _save_plot(cb, path, extra, key):
+    "Save `cb.plot()` to `path`, replacing a file an earlier run left there; a failure goes into `extra[key]`, not up"
+    import matplotlib.pyplot as plt
+    Path(path).unlink(missing_ok=True)
+    try: fig = cb.plot(); fig.savefig(path, dpi=120, bbox_inches='tight'); plt.close(fig)
+    except Exception as e: extra[key] = f'{type(e).__name__}: {e}'
+
 def run_job(
     arms:list,  # arms trained in this process: one arm, or ['boost', 'boost+e2e'] which share the block-wise phase
     cfg:dict,   # `vars(args)` of `parse_args`
@@ -500,9 +507,7 @@ def run_job(
             learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
             res['extra']['boost_blocks'] = _records(cb.report)
             res['extra']['n_blocks'] = n_blocks
-            try:
-                fig = cb.plot(); fig.savefig(out/'boost_depth.png', dpi=120, bbox_inches='tight')
-            except Exception as e: res['extra']['boost_plot_error'] = f'{type(e).__name__}: {e}'
+            _save_plot(cb, out/'boost_depth.png', res['extra'], 'boost_plot_error')
             if 'boost' in arms: row('boost')
             if 'boost+e2e' in arms:
                 learn.opt_func, learn.opt = _opt_func(cfg['opt']), None
@@ -516,6 +521,7 @@ def run_job(
             res['extra']['freezeout'] = _records(cb.report)
             res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scale_lr, frozen_bn=cb.frozen_bn)
             res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
+            _save_plot(cb, out/'freezeout.png', res['extra'], 'freezeout_plot_error')
             row('freezeout')
         elif arms == ['snapshot']:
             Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
@@ -575,7 +581,7 @@ def bench_figures(
     res:dict,  # the run's JSON (from `run_bench`)
     out:Path,  # folder for the PNGs
 ) -> list:
-    "Test accuracy vs wall-clock for every arm; snapshot ensemble size vs accuracy; BoostResNet depth if `cb.plot` failed"
+    "Test accuracy vs wall-clock for every arm; snapshot ensemble size vs accuracy; BoostResNet depth if `cb.plot` failed; FreezeOut's plot if drawn"
     out, made = Path(out), []
     curves = {arm: [(s, a) for s, a in pts if a is not None] for arm, pts in res['curves'].items()}
     if any(curves.values()):
@@ -599,7 +605,8 @@ def bench_figures(
             if c != 'block' and ('acc' in c or 'loss' in c): ax.plot(df.get('block', df.index), num[c], marker='o', label=c)
         ax.set(xlabel='block (depth)', title='BoostResNet per block'); ax.legend()
         fig.savefig(out/'boost_depth.png', dpi=120, bbox_inches='tight')
-    if (out/'boost_depth.png').exists(): made.append('boost_depth.png')
+    if blocks and (out/'boost_depth.png').exists(): made.append('boost_depth.png')
+    if res['extra'].get('freezeout') and (out/'freezeout.png').exists(): made.append('freezeout.png')   # drawn by the job
     tens = {r['arm']: r['tensor_mb_epochs'] for r in res.get('rows', []) if r.get('tensor_mb_epochs')}
     if 'boost' in tens:   # `--tensor-memory`: what each block's stage would hold on a GPU, against end to end
         fig, ax = _figure()

@@ -122,11 +122,15 @@ def predicted_saving(
     n_iter:int,          # total training iterations
 ) -> float:
     "Fraction of the forward+backward FLOPs of training that freezing at `iters` saves"
+    return 1 - _rel_cost(costs, iters, n_iter).mean()
+
+def _rel_cost(costs, iters, n_iter):
+    "Cost of each training iteration relative to an unfrozen one ($C_{j(k)}/C_0$)"
     F, W, X = (costs[c].to_numpy(dtype=float) for c in ('fwd', 'bwd', 'bwd_x'))
-    def cost(j): return F.sum() + W[j:].sum() + X[j+1:].sum()
     n = len(iters)
-    frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')   # blocks frozen at iteration k
-    return 1 - sum(cost(min(j, n)) for j in frozen) / (n_iter*cost(0))
+    c = np.array([F.sum() + W[j:].sum() + X[j+1:].sum() for j in range(n+1)])   # $C_j$: the first j blocks frozen
+    frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')    # blocks frozen at iteration k
+    return c[np.minimum(frozen, n)]/c[0]
 
 # %% ../nbs/03_freezeout.ipynb #c014
 # fastboost callbacks that also set the learning rate (and, for BoostResNet, replace the model): not in the same fit
@@ -359,3 +363,31 @@ def fit_freezeout(self:Learner,
     cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn)
     self.fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
+
+# %% ../nbs/03_freezeout.ipynb #fop0c
+@patch
+def plot(self:FreezeOutCallback,
+    figsize=(11, 3.5),  # size of the figure (two panels)
+    smooth:int=None,    # iterations in the rolling median of the measured times (default: 2% of training)
+):
+    "Each block's learning rate over training, and each iteration's measured time against the cost model's prediction"
+    if self.report is None: raise ValueError("Nothing to plot: fit with this callback first (it does nothing in `lr_find`)")
+    import matplotlib.pyplot as plt
+    T = self.total_iters; k = np.arange(T)
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=figsize)
+    cols = plt.cm.viridis(np.linspace(0, 0.9, len(self.times)))
+    for i, (ti, l0, f) in enumerate(zip(self.times, self.block_lr0, self.iters)):
+        a0.plot(k, [freezeout_lr(x/T, ti, l0) for x in k], color=cols[i], lw=1,
+                label=f'block {i}' if i in (0, len(self.times)-1) else None)
+        if f < T: a0.plot(f, 0, 'o', color=cols[i], ms=4)
+    a0.plot(k, [freezeout_lr(x/T, 1., self.base_lr) for x in k], 'k--', lw=1, label='head')
+    a0.set(xlabel='iteration', ylabel='learning rate', title='learning rate per block (dot: frozen)'); a0.legend()
+    if self._costs is not None: a1.plot(k, _rel_cost(self._costs, self.iters, T), label=f'predicted ({self.cost})')
+    if 'iter_s_unfrozen' in self.speedup:
+        w = smooth or max(1, T//50)
+        rel = pd.Series(np.asarray(self._times)/self.speedup['iter_s_unfrozen']).rolling(w, center=True, min_periods=1).median()
+        a1.plot(k, rel.to_numpy(), alpha=0.8, label=f'measured (rolling median of {w})')
+    a1.set(xlabel='iteration', ylabel='time / unfrozen iteration', title='cost of an iteration', ylim=(0, None))
+    if a1.lines: a1.legend()
+    fig.tight_layout()
+    return fig

@@ -39,7 +39,7 @@ def test_every_arm_end_to_end(tmp_path):
     assert res['extra']['freezeout'][0]['t_freeze'] == pytest.approx(0.5)   # FreezeOut got --t0/--schedule
     assert {'predicted', 'measured'} <= set(res['extra']['freezeout_speedup'])
     assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2]
-    for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png'):
+    for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png', 'freezeout.png'):
         assert f in res['figures'] and (out/f).stat().st_size > 1000
     # the markdown table, printed and written, with e2e as the reference of the ratios
     table = (out/'bench.md').read_text()
