@@ -130,7 +130,7 @@ def _rel_cost(costs, iters, n_iter):
     n = len(iters)
     c = np.array([F.sum() + W[j:].sum() + X[j+1:].sum() for j in range(n+1)])   # $C_j$: the first j blocks frozen
     frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')    # blocks frozen at iteration k
-    return c[np.minimum(frozen, n)]/c[0]
+    return c[frozen]/c[0]
 
 # %% ../nbs/03_freezeout.ipynb #c014
 # fastboost callbacks that also set the learning rate (and, for BoostResNet, replace the model): not in the same fit
