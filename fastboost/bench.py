@@ -21,13 +21,13 @@ from fastai.learner import Recorder
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
-from .data import tensor_dls, digits_tensors
+from .data import tensor_dls, tensor_dataset, digits_tensors
 from .blocks import body_blocks, pytorchcv_arch
 
 # %% auto #0
 __all__ = ['ARMS', 'DATASET_DEFAULTS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors', 'cifar10_tensors',
            'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory', 'memory_peak',
-           'run_job', 'bench_table', 'bench_figures', 'run_bench', 'main']
+           'run_job', 'time_to_acc', 'bench_table', 'bench_figures', 'run_bench', 'main']
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
@@ -214,15 +214,21 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-epochs', type=int, default=1, help="BoostResNet epochs per block")
     a('--ft-epochs', type=int, help="boost+e2e fine-tuning epochs (default: a quarter of --epochs, at least 1)")
     a('--cycles', type=int, help="snapshot cycles (default: min(5, epochs))")
+    a('--snap-first', type=float, help="snapshots: the first cycle's share of the budget (FGE/SWA-style; default: equal cycles, the paper)")
+    a('--snap-restart-lr', type=float, default=1., help="snapshots: peak of the later cycles as a fraction of --lr (the paper: 1)")
+    a('--snap-warmup', type=float, default=0., help="snapshots: linear warm-up before the first cycle, as a fraction of the budget")
     a('--t0', type=float, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper)")
     a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
-    a('--scale-lr', action=argparse.BooleanOptionalAction, default=True, help="FreezeOut: start block i at lr/t_i, as in the paper")
+    a('--scale-lr', action=argparse.BooleanOptionalAction, default='auto', help="FreezeOut: start block i at lr/t_i, as in the paper (default: auto, unless the optimizer is Adam-type)")
     a('--frozen-bn', choices=['batch', 'eval'], default='batch', help="FreezeOut: a frozen block's BatchNorm uses batch statistics (batch) or its running statistics (eval, the paper)")
+    a('--bn-samples', type=int, default=2048, help="BoostResNet and FreezeOut: training images to recompute a block's BatchNorm statistics on before it is frozen (0: keep the running ones)")
     a('--bs', type=int, help="batch size (default: dataset)")
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
     a('--lr', type=float, help="e2e peak learning rate (default: dataset)")
     a('--block-lr', type=float, default=1e-3, help="BoostResNet learning rate (AdamW)")
+    a('--block-head', choices=['linear', 'conv'], default='linear', help="BoostResNet: each block's classifier, aux_head (pool + linear) or conv_head (conv layers first)")
+    a('--e2e-sched', choices=['cos', 'one_cycle'], default='cos', help="e2e arm: `fit` with cosine annealing (the literature's recipe) or fastai's `fit_one_cycle`")
     a('--ft-lr', type=float, help="boost+e2e fine-tuning peak learning rate (default: --lr / 10)")
     a('--subset', type=int, help="train on a seeded random subset of this many training images")
     a('--test-subset', type=int, help="evaluate on a seeded random subset of this many test images")
@@ -428,6 +434,7 @@ def _import_cb(arm, module, name):
         raise RuntimeError(f"arm {arm!r} needs fastboost.{module}.{name}, which this install does not have ({e})") from e
 
 def _acc(probs, targs): return (probs.argmax(-1) == targs).float().mean().item()
+def _nll(probs, targs): return F.nll_loss(probs.clamp_min(1e-12).log(), targs).item()
 
 def _train_eval_idx(n, seed, k=10_000):
     "A seeded random sample of at most `k` of `n` training images for the train accuracy: folder datasets come sorted by class"
@@ -482,7 +489,7 @@ def run_job(
         learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
         if cfg['fp16']: learn.to_fp16()
         ev = _train_eval_idx(len(xt), cfg['seed'])
-        train_dl = dls.valid.new(type(dls.train.dataset)(xt[ev], yt[ev]))   # no augmentation, eval mode
+        train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
         clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
         tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
         if tm: learn.add_cb(tm)
@@ -497,13 +504,17 @@ def run_job(
             if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
         lr, epochs = cfg['lr'], cfg['epochs']
         if arms == ['e2e']:
-            learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
+            if cfg.get('e2e_sched') == 'one_cycle': learn.fit_one_cycle(epochs, lr)
+            else: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
+            p, t = learn.get_preds(act=partial(F.softmax, dim=-1))[:2]   # calibration, beside the snapshot ensemble's
+            res['extra']['e2e_calibration'] = dict(nll=_nll(p, t), ece=_import_cb('e2e', 'snapshot', 'calibration_error')(p, t))
             row('e2e')
         elif arms[0].startswith('boost'):
             Boost = _import_cb(arms[0], 'boost', 'BoostResNetCallback')
             n_blocks = len(body_blocks(learn.model))
             learn.opt_func, learn.opt = _opt_func('adam'), None   # the study: AdamW defaults for the blocks
-            cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')])
+            cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')], bn_samples=cfg.get('bn_samples', 2048),
+                       head=_import_cb(arms[0], 'boost', 'conv_head' if cfg.get('block_head') == 'conv' else 'aux_head'))
             learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
             res['extra']['boost_blocks'] = _records(cb.report)
             res['extra']['n_blocks'] = n_blocks
@@ -515,17 +526,18 @@ def run_job(
                 row('boost+e2e')
         elif arms == ['freezeout']:
             FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
-            cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', True),
-                            frozen_bn=cfg.get('frozen_bn', 'batch'))
+            cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', 'auto'),
+                            frozen_bn=cfg.get('frozen_bn', 'batch'), bn_samples=cfg.get('bn_samples', 2048))
             learn.fit(epochs, lr, cbs=cb)
             res['extra']['freezeout'] = _records(cb.report)
-            res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scale_lr, frozen_bn=cb.frozen_bn)
+            res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scaled, frozen_bn=cb.frozen_bn)
             res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
             _save_plot(cb, out/'freezeout.png', res['extra'], 'freezeout_plot_error')
             row('freezeout')
         elif arms == ['snapshot']:
             Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
-            cb = Snap(n_cycles=cfg['cycles'])
+            cb = Snap(n_cycles=cfg['cycles'], first=cfg.get('snap_first'), restart_lr=cfg.get('snap_restart_lr', 1.),
+                      warmup=float(cfg.get('snap_warmup') or 0.))
             learn.fit(epochs, lr, cbs=cb)
             ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, cfg['cycles']+1)]
             res['extra']['snapshot_ensemble'] = ens
@@ -533,6 +545,14 @@ def run_job(
             row('snapshot', _acc(*cb.get_preds(dl=train_dl, last=1)), ens[0][1])
             if cfg['cycles'] > 1:
                 row(f"snapshot-ens{cfg['cycles']}", _acc(*cb.get_preds(dl=train_dl, last=cfg['cycles'])), ens[-1][1])
+                with warnings.catch_warnings():   # the weight average of the same members, BatchNorm refreshed: 1x inference
+                    warnings.simplefilter('ignore'); swa = cb.average_weights(last=cfg['cycles'])
+                trained, learn.model = learn.model, swa
+                try: row('snapshot-swa')
+                finally: learn.model = trained
+            cal = _import_cb('snapshot', 'snapshot', 'calibration_error')
+            res['extra']['snapshot_calibration'] = {f'ens{m}': dict(nll=_nll(p, t), ece=cal(p, t)) for m in (1, cfg['cycles'])
+                                                    for p, t in [cb.get_preds(dl=None, last=m)]}
         else: raise BenchError(f"unknown arm(s) {arms}")
     finally:   # also when the job failed (out of memory under --memory-cap): the trace shows where
         if cap: torch.cuda.set_per_process_memory_fraction(1., dev)
@@ -550,6 +570,13 @@ def run_job(
 def _fmt(v, spec):
     return '' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
+def time_to_acc(
+    curve:list,     # (training seconds, test accuracy) after each epoch, as `bench.json` records them
+    target:float,   # accuracy to reach
+) -> float:
+    "Training wall-clock at the end of the first epoch whose test accuracy reaches `target` (None if none does)"
+    return next((s for s, a in curve if a is not None and a >= target), None)
+
 def bench_table(
     rows:list,      # dicts with arm, train_acc, test_acc, train_s, peak_mb (an `error` instead when it failed)
     memory:str='',  # how memory was measured
@@ -559,15 +586,18 @@ def bench_table(
     def ratio(r, k): return r[k]/base[k] if base and base[k] and r.get(k) is not None else None
     mem = 'peak GPU MB' if memory.startswith('torch.cuda') else 'peak RSS MB'
     tens = any('tensor_mb' in r for r in rows)   # `--tensor-memory`: two more columns
-    lines = [f'| arm | train acc | test acc | wall-clock s | {mem} | time / e2e | memory / e2e |' +
-             (' peak tensor MB | tensor / e2e |' if tens else ''), '|---|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if tens else '')]
+    lines = [f"| arm | train acc | test acc | wall-clock s | {mem} | time / e2e | memory / e2e | to e2e's acc / e2e's time |" +
+             (' peak tensor MB | tensor / e2e |' if tens else ''), '|---|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if tens else '')]
     for r in rows:
-        if 'error' in r: lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:120]} ||||||" + ('||' if tens else '')); continue
+        if 'error' in r: lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:120]} |||||||" + ('||' if tens else '')); continue
+        to = r.get('to_e2e_acc_s')
+        to = ('never' if base and r['arm'] != 'e2e' and 'to_e2e_acc_s' in r else '') if to is None else _fmt(to/base['train_s'] if base and base['train_s'] else None, '.2f')
         lines.append(f"| {r['arm']} | {_fmt(r['train_acc'], '.4f')} | {_fmt(r['test_acc'], '.4f')} | "
                      f"{_fmt(r['train_s'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {_fmt(ratio(r, 'train_s'), '.2f')} | "
-                     f"{_fmt(ratio(r, 'peak_mb'), '.2f')} |" +
+                     f"{_fmt(ratio(r, 'peak_mb'), '.2f')} | {to} |" +
                      (f" {_fmt(r.get('tensor_mb'), '.0f')} | {_fmt(ratio(r, 'tensor_mb'), '.2f')} |" if tens else ''))
     if memory: lines.append(f'\nMemory: {memory}. Wall-clock: training only, without the per-epoch validation.')
+    if base: lines.append(f"To e2e's acc: training wall-clock until an epoch's test accuracy first reaches e2e's final {base['test_acc']:.4f}, over e2e's.")
     if tens: lines.append('Peak tensor MB: live tensors of one profiled training step per epoch, with all parameters (`TensorMemory`): '
                           'what a GPU would hold. Profiling slows the run: quote times from a run without --tensor-memory.')
     return '\n'.join(lines)
@@ -647,7 +677,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule}{'' if args.scale_lr else ' no-scale-lr'} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__
@@ -669,7 +699,10 @@ def run_bench(
             continue
         res['rows'] += r['rows']; res['curves'].update(r['curves']); res['extra'].update(r['extra'])
         res['memory'] = res['memory'] or r['memory']
-    res['rows'].sort(key=lambda r: ARMS.index(r['arm'].split('-ens')[0]))
+    res['rows'].sort(key=lambda r: ARMS.index(r['arm'].split('-')[0]))   # snapshot-ens5, snapshot-swa after snapshot
+    e2e = next((r for r in res['rows'] if r['arm'] == 'e2e' and 'error' not in r), None)
+    for r in res['rows']:   # the wall-clock each arm needs to reach e2e's final accuracy (time to accuracy)
+        if e2e and r['arm'] in res['curves']: r['to_e2e_acc_s'] = time_to_acc(res['curves'][r['arm']], e2e['test_acc'])
     res['table'] = bench_table(res['rows'], res['memory'] or '')
     res['figures'] = bench_figures(res, out)
     res['total_s'] = round(time.perf_counter() - t0, 1)

@@ -6,17 +6,19 @@ Docs: https://fastboost.github.io/fastboost/blocks.html.md"""
 
 # %% ../nbs/01_blocks.ipynb #c002
 from __future__ import annotations
-import torch
+import contextlib, random, torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 from fastcore.basics import patch_to
 from fastai.torch_core import params
 from fastai.vision.learner import model_meta, default_split
 from fastai.vision.core import imagenet_stats
 
 # %% auto #0
-__all__ = ['register_blocks', 'supported_families', 'is_unit', 'body_blocks', 'block_splitter', 'block_flops', 'pytorchcv_arch',
-           'check_blocks']
+__all__ = ['register_blocks', 'supported_families', 'is_unit', 'body_blocks', 'block_splitter', 'block_flops', 'exact_bn_stats',
+           'pytorchcv_arch', 'check_blocks']
 
 # %% ../nbs/01_blocks.ipynb #c006
 _UNIT_TYPES: dict[type, str] = {}   # residual-unit type -> family name
@@ -124,6 +126,43 @@ def block_flops(
         res.append(fc.get_total_flops())
         x = out.detach()
     return res
+
+# %% ../nbs/01_blocks.ipynb #b021b
+@contextlib.contextmanager
+def _rng_kept():
+    "Random draws inside (an extra pass over a shuffled loader) leave the torch and Python generators as they were"
+    state, cuda = random.getstate(), [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try: yield
+        finally: random.setstate(state)
+
+class _Reached(Exception): "The forward pass got to the block: stop there"
+
+def _block_inputs(model, block, batches):
+    "The input of `block` each time `model` runs on one of `batches` (a tensor, or a tuple whose first item is it)"
+    got = []
+    def grab(m, args): got.append(args[0].detach()); raise _Reached()
+    for b in batches:
+        h = block.register_forward_pre_hook(grab)   # only while the model runs: `update_bn` then calls the block itself
+        try:
+            with torch.no_grad(): model(b[0] if isinstance(b, (tuple, list)) else b)
+        except _Reached: pass
+        finally: h.remove()
+        if got: yield got.pop()
+
+def exact_bn_stats(
+    model:nn.Module,  # the model the block is in, run as it is up to the block (modes unchanged, no gradient)
+    block:nn.Module,  # the block whose BatchNorm running statistics are recomputed
+    batches,          # model inputs: tensors, or tuples whose first item is the input (e.g. a fastai `DataLoader`)
+) -> nn.Module:
+    "Recompute `block`'s BatchNorm running statistics as the cumulative average over its inputs (`update_bn`)"
+    if not any(isinstance(m, _BatchNorm) and m.track_running_stats for m in block.modules()): return block
+    inside = set(map(id, block.modules()))   # a model in train mode would update its other BN statistics: put them back
+    saved = [(t, t.clone()) for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in inside for t in m.buffers()]
+    try: update_bn(_block_inputs(model, block, batches), block)   # restores the block's mode and the BN momenta
+    finally:
+        for t, v in saved: t.copy_(v)
+    return block
 
 # %% ../nbs/01_blocks.ipynb #c023
 def _pytorchcv_cut(m):

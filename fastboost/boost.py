@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import math, os, time, warnings
+import contextlib, itertools, math, os, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -17,12 +17,16 @@ from fastai.callback.core import TrainEvalCallback
 from fastai.callback.schedule import combined_cos, ParamScheduler, LRFinder
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
+from fastai.layers import ConvLayer
+from fastai.optimizer import OptimWrapper
+from fastai.vision.augment import RandTransform
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
-from .blocks import body_blocks, block_flops, is_unit
+from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
 
 # %% auto #0
-__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'BoostResNetCallback']
+__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
+           'BoostResNetCallback']
 
 # %% ../nbs/02_boost.ipynb #c006
 def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
@@ -89,6 +93,17 @@ def aux_head(
     "The paper's hypothesis module o_t(x) = W^T g_t(x): global average pool and a linear layer"
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n_in, n_out))
 
+def conv_head(
+    n_in:int,          # channels of the block's output
+    n_out:int,         # classes
+    width:int=None,    # channels of the conv layers (default: `n_in`, at most 128)
+    depth:int=2,       # conv layers: a 1x1 to `width` channels, then `depth-1` 3x3
+) -> nn.Module:
+    "An auxiliary classifier with capacity, as in greedy/local learning (Belilovsky et al. 2019, DGL, InfoPro): conv-BN-ReLU layers, then pool and linear"
+    w = width or min(n_in, 128)
+    convs = [ConvLayer(n_in, w, ks=1)] + [ConvLayer(w, w, ks=3) for _ in range(depth-1)]
+    return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, n_out))
+
 class _Stage(nn.Module):
     "Frozen prefix (no autograd, eval mode) -> trainable block -> head; also the previous module's scores"
     def __init__(self, prefix, block, head, prev_head=None, alpha=0.):
@@ -112,11 +127,6 @@ class _Unwrapped(nn.Module):
     "The user's model as `.module`: what fastai's `DistributedTrainer.after_fit` unwraps after the last stage"
     def __init__(self, m): super().__init__(); self.module = m
 
-class _BoostLossFunc:
-    "The boosting loss of a stage, with the scores its frozen previous module left in `stage.s`"
-    def __init__(self, stage): self.stage = stage
-    def __call__(self, pred, targ): return boost_loss(pred, targ, self.stage.s)
-
 # %% ../nbs/02_boost.ipynb #c014
 def _split_model(model):
     "(body, head) of a `vision_learner`-style model `Sequential(body, head)`"
@@ -126,13 +136,31 @@ def _split_model(model):
                      f"(`nn.Sequential(body, head)`); got {type(model).__name__}. Build the learner with "
                      f"`vision_learner(dls, arch, ...)`, or wrap your model as `nn.Sequential(body, head)`.")
 
+def _is_random(t) -> bool:
+    "Does fastai transform `t` draw at random in training? (`split_idx=0`: training only; fastai's `RandTransform`s, e.g. `RandomResizedCrop` or `Flip`)"
+    return isinstance(t, RandTransform) or getattr(type(t), 'split_idx', None) == 0 or getattr(t, 'split_idx', None) == 0
+
 def _deterministic(dl) -> bool:
     "Does `dl` apply no random (training-only) transform?"
     tfms = []
     for nm in ('after_item', 'before_batch', 'after_batch'):
         tfms += list(getattr(getattr(dl, nm, None), 'fs', []) or [])
     for tl in getattr(getattr(dl, 'dataset', None), 'tls', []) or []: tfms += list(getattr(tl.tfms, 'fs', []))
-    return not any(getattr(t, 'split_idx', None) == 0 for t in tfms)
+    return not any(_is_random(t) for t in tfms)
+
+def _eval_batches(dl, shuffle=False):
+    "The batches of all of `dl`'s items (in order, or shuffled), through its validation-time transforms (fastai's `split_idx=1`)"
+    if not _n_batches(dl): return   # no validation set (fastai's `new` cannot make one pass over an empty dataset)
+    dl = dl.new(shuffle=shuffle, drop_last=False)
+    ds = dl.dataset   # fastai's `TfmdDL` hands its dataset's split_idx to the batch transforms as each pass starts
+    with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextlib.nullcontext()): yield from dl
+
+def _create_opt(learn, *modules):
+    "fastai's `Learner.create_opt` for `modules`, one parameter group each: `wd_bn_bias` and `train_bn` as in any fit"
+    model, splitter = learn.model, learn.splitter
+    learn.model, learn.splitter = nn.ModuleList(modules), lambda m: [params(g) for g in m]
+    try: learn.create_opt(); return learn.opt
+    finally: learn.model, learn.splitter = model, splitter
 
 # our callbacks that own the learning rate and the trainable parameters: at most one of them per fit
 _OURS = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
@@ -165,15 +193,17 @@ class BoostResNetCallback(Callback):
         stop=None,               # None, or 'plateau': end a block's stage when its validation loss stops improving
         patience:int=2,          # checks without improvement before a 'plateau' stop
         n_checks:int=8,          # validation checks per stage for 'plateau'
-        gamma_stop:float=None,   # with loss='boost': end the phase when a block's gamma falls below this
+        gamma_stop:float=None,   # with loss='boost': end the phase when a block's gamma (on the training set) falls below this
         checkpoint:str=None,     # file name (under `learn.path/learn.model_dir`) to save the state to at each block's end
         resume:bool=False,       # start after the last block saved in `checkpoint`, as if the fit had not been interrupted
+        bn_samples:int=2048,     # training images to recompute a trained block's BatchNorm statistics on before it is frozen (0: keep them)
     ):
         if loss not in ('ce', 'boost'): raise ValueError(f"loss must be 'ce' or 'boost', got {loss!r}")
         if sched not in ('one_cycle', 'cos', 'const'): raise ValueError(f"sched must be 'one_cycle', 'cos' or 'const', got {sched!r}")
         if stop not in (None, 'plateau'): raise ValueError(f"stop must be None or 'plateau', got {stop!r}")
         if gamma_stop is not None and loss != 'boost': raise ValueError("gamma_stop needs loss='boost' (gamma is the boosting edge)")
         if offload and cache is False: raise ValueError("offload=True needs the feature cache: use cache=True or 'auto'")
+        if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
         if resume and not checkpoint: raise ValueError("resume=True needs the checkpoint's file name: checkpoint='boost', as in the run to resume")
         store_attr(but='loss')
         self.loss_type = loss   # `self.loss` would shadow the learner's loss
@@ -194,11 +224,13 @@ class BoostResNetCallback(Callback):
         if ours: raise ValueError(f"BoostResNetCallback cannot run in the same fit as {'another ' if ours[0] == type(self).__name__ else ''}"
                                   f"{ours[0]}: both set the learning rate and the trainable parameters. Run them in separate fits "
                                   f"(e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())`, then `learn.fit(m, lr, cbs={ours[0]}(...))`)")
+        if isinstance(self.learn.opt_func, OptimWrapper):
+            raise ValueError("BoostResNetCallback builds an optimizer for each block's stage: pass `opt_func` as a function "
+                             "(e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`), not an `OptimWrapper` instance")
         has_valid = _n_batches(self.learn.dls.valid) > 0
-        if not has_valid and (self.stop == 'plateau' or self.gamma_stop is not None):
-            raise ValueError(f"{'stop=' + repr(self.stop) if self.stop else 'gamma_stop'} watches each stage on the validation set, "
-                             f"but the DataLoaders have no validation batches: give them a validation set (e.g. `valid_pct=0.2`) "
-                             f"or use stop=None, gamma_stop=None")
+        if not has_valid and self.stop == 'plateau':
+            raise ValueError(f"stop='plateau' watches each stage on the validation set, but the DataLoaders have no "
+                             f"validation batches: give them a validation set (e.g. `valid_pct=0.2`) or use stop=None")
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
         self._dt = next((cb for cb in learn.cbs if type(cb).__name__ == 'DistributedTrainer'), None)
@@ -237,6 +269,7 @@ class BoostResNetCallback(Callback):
             self.iters = b if ints else split_budget(total, K, b)  # iterations summing to the total, else weights
         self.ends, self._iters0 = np.cumsum(self.iters).tolist(), list(self.iters)
         self.lr_max = learn.opt.hypers[-1]['lr']
+        self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
         if self.do_cache: self._build_cache()
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
@@ -294,9 +327,10 @@ class BoostResNetCallback(Callback):
         learn.model = self.stage if (self._dt is None or self._in_before_fit) else self._ddp(self.stage)
         self._stage_start = {k: v.detach().to('cpu', copy=True) for k, v in self.stage.block.state_dict().items()}, \
                             {k: v.detach().to('cpu', copy=True) for k, v in self.stage.head.state_dict().items()}
-        learn.loss_func = _BoostLossFunc(self.stage) if self.loss_type == 'boost' else self._saved['loss_func']
-        learn.opt = learn.opt_func([params(block), params(head)], lr=self.lr_max)
-        if learn.wd is not None: learn.opt.set_hypers(wd=learn.wd)
+        # the paper's objective for module t+1: the costs of s_t cancel in the telescoping sum (see "The boosting loss")
+        learn.loss_func = boost_loss if self.loss_type == 'boost' else self._saved['loss_func']
+        learn.opt = _create_opt(learn, block, head)
+        learn.opt.set_hypers(**self._hypers, lr=self.lr_max)
         if self.sched == 'one_cycle': self._lr = combined_cos(self.pct_start, self.lr_max/25, self.lr_max, self.lr_max/1e5)
         elif self.sched == 'cos': self._lr = combined_cos(0., self.lr_max, self.lr_max, self.lr_max/1e5)
         else: self._lr = lambda pos: self.lr_max
@@ -315,12 +349,16 @@ class BoostResNetCallback(Callback):
 
     def _end_stage(self):
         learn, k = self.learner, self.k
+        if self.bn_samples: self._exact_bn()   # before its classifier is evaluated and the block joins the frozen prefix
         vloss, vacc, num, den = self._evaluate()
-        edge = float(num/den) if den > 0 else float('nan')
         rec = dict(block=k, type=type(self.blocks[k]).__name__, params=sum(p.numel() for p in params(self.blocks[k])),
                    iters=self.iters[k], seconds=time.perf_counter()-self._t0,
-                   train_loss=float(self._loss_sum)/max(self._nb, 1), train_acc=int(self._correct)/max(self._seen, 1), valid_loss=vloss, valid_acc=vacc, edge=edge)
+                   train_loss=float(self._loss_sum)/max(self._nb, 1), train_acc=int(self._correct)/max(self._seen, 1), valid_loss=vloss, valid_acc=vacc,
+                   valid_edge=float(num/den) if den > 0 else float('nan'))
         if self.loss_type == 'boost':
+            # the paper's edge, alpha and gamma are about the training sample: one eval-mode pass over the training set
+            num, den = self._evaluate(self._train_batches())[2:]
+            rec['edge'] = edge = float(num/den) if den > 0 else float('nan')
             rec['gamma'] = boost_gamma(self.edge_prev, edge)
             rec['alpha'] = self.alpha_prev = boost_alpha(edge)
             self.edge_prev = edge
@@ -328,13 +366,13 @@ class BoostResNetCallback(Callback):
         self.records.append(rec)
         if self.checkpoint: self._save_checkpoint()
 
-    def _evaluate(self, max_batches=None):
-        "Loss, accuracy and edge numerator/denominator of the current stage on the validation set"
+    def _evaluate(self, batches=None, max_batches=None):
+        "Loss, accuracy and edge numerator/denominator of the current stage on `batches` (default: the validation set)"
         st, learn = self.stage, self.learner
         was = st.training; st.eval()
         tot, correct, n, num, den, nb = 0., 0, 0, 0., 0., 0
         with torch.no_grad():
-            for i, (x, y) in enumerate(self._valid_batches()):
+            for i, (x, y) in enumerate(self._valid_batches() if batches is None else batches):
                 if max_batches is not None and i >= max_batches: break
                 out = st(x)
                 tot += float(learn.loss_func(out, y)) * len(y); n += len(y)
@@ -424,11 +462,11 @@ class BoostResNetCallback(Callback):
 
     # --- feature cache ---------------------------------------------------------------------------------------------
     def _build_cache(self):
-        "Inputs of block 0 for the whole training and validation sets, after the (deterministic) batch transforms"
+        "Inputs of block 0 for the whole training and validation sets, through the validation-time (deterministic) transforms"
         learn, xs, ys = self.learner, [], []
-        for dl in (learn.dls.train.new(shuffle=False, drop_last=False), learn.dls.valid):
+        for dl in (learn.dls.train, learn.dls.valid):
             xx, yy = [], []
-            for x, y in dl: xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
+            for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
             xs.append(torch.cat(xx) if xx else xs[0][:0]); ys.append(torch.cat(yy) if yy else ys[0][:0])   # no validation set: empty
         self._feats, self._ys = xs, ys
         bs, tdl = learn.dls.train.bs, learn.dls.train
@@ -456,6 +494,26 @@ class BoostResNetCallback(Callback):
                 out.append(dst)
         b.train(was)
         self._feats = out
+
+    def _exact_bn(self):
+        "The trained block's BatchNorm statistics as the average over its inputs on `bn_samples` random training images"
+        if self.do_cache:
+            f = self._feats[0]
+            idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(self.k))[:self.bn_samples]
+            src, bs = (f[idx[i:i+256]].to(self.device, torch.float32) for i in range(0, len(idx), 256)), 256
+        else: src, bs = _eval_batches(self.learner.dls.train, shuffle=True), self.learner.dls.train.bs
+        was = self.stage.training; self.stage.train()   # the prefix stays in eval mode; the pass stops at the block
+        try:   # closing: the loader's validation-time split is undone now, not when the generator is collected
+            with _rng_kept(), contextlib.closing(src):
+                exact_bn_stats(self.stage, self.stage.block, itertools.islice(src, max(1, math.ceil(self.bn_samples/bs))))
+        finally: self.stage.train(was)
+
+    def _train_batches(self):
+        "The whole training set once, in order, un-augmented: the cached features, else the validation-time pipeline"
+        if self.do_cache:
+            f, y = self._feats[0], self._ys[0]
+            for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
+        else: yield from _eval_batches(self.learner.dls.train)
 
     def _valid_batches(self):
         if self.do_cache:

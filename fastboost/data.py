@@ -6,88 +6,151 @@ Docs: https://fastboost.github.io/fastboost/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #c002
 from __future__ import annotations
-import numpy as np, torch
+import math, numpy as np, torch
 from pathlib import Path
 import torch.nn.functional as F
-from fasttransform import Transform, DisplayedTransform
-from fastai.data.core import DataLoaders, TfmdDL
+from PIL import Image
+from fasttransform import Transform, DisplayedTransform, ItemTransform
+from fastai.data.core import DataLoaders, TfmdDL, TfmdLists, Datasets
+from fastai.data.transforms import CategoryMap, Normalize
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorImage, TensorCategory, default_device
+from fastai.vision.core import Category
+import fastai.vision.data   # registers fastai's `show_batch`/`show_results` for images
 from fastcore.basics import chunked
 
 # %% auto #0
-__all__ = ['ToFloatNorm', 'PadCropFlip', 'TensorDL', 'tensor_dls', 'ifnone_device', 'digits_tensors', 'digits_dls']
+__all__ = ['ToFloatNorm', 'PadCropFlip', 'AsImage', 'ClassIndex', 'tensor_dataset', 'TensorDL', 'tensor_dls', 'ifnone_device',
+           'digits_tensors', 'digits_dls']
 
 # %% ../nbs/00_data.ipynb #c005
-class ToFloatNorm(DisplayedTransform):
-    "uint8 image batch -> float, normalised per channel"
+class ToFloatNorm(Normalize):
+    "uint8 image batch -> float, normalised per channel; decodes back to 0..1 floats for display"
+    # a fastai `Normalize`, so `vision_learner(..., pretrained=True)` does not add ImageNet's statistics on top of ours
     order = 5
     def __init__(self, mean, std): # per-channel mean and std of the 0..1 images
-        self.mean, self.std = torch.tensor(mean).view(1,-1,1,1), torch.tensor(std).view(1,-1,1,1)
+        super().__init__(torch.tensor(mean).view(1,-1,1,1), torch.tensor(std).view(1,-1,1,1))
     def encodes(self, x:TensorImage):
         return TensorImage(((x.float()/255) - self.mean.to(x.device)) / self.std.to(x.device))
+    def decodes(self, x:TensorImage):
+        return TensorImage((x*self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1))
 
 class PadCropFlip(DisplayedTransform):
-    "Random crop after zero padding and random horizontal flip, on a batch (the usual CIFAR augmentation)"
+    "Random crop after zero padding (the mean colour, after `ToFloatNorm`) and random horizontal flip, drawn per image, on a batch"
     split_idx, order = 0, 10
     def __init__(self, pad:int=4, flip:bool=True): # pixels of padding; also flip left-right
         self.pad, self.flip = pad, flip
     def encodes(self, x:TensorImage):
-        n, _, h, w = x.shape
-        p = self.pad
-        xp = F.pad(x, (p,p,p,p))
-        i, j = torch.randint(0, 2*p+1, (2,)).tolist()  # one offset per batch keeps it a single strided copy
-        x = xp[:, :, i:i+h, j:j+w]
-        if self.flip:
-            m = torch.rand(n, device=x.device) < 0.5
-            x = torch.where(m.view(-1,1,1,1), x.flip(-1), x)
-        return TensorImage(x.contiguous())
+        n, c, h, w = x.shape
+        p, dev = self.pad, x.device
+        xp = F.pad(x, (p,p,p,p)).flatten(2)                               # (n, c, (h+2p)(w+2p))
+        i, j = torch.randint(0, 2*p+1, (2, n, 1, 1), device=dev)          # one offset per image
+        cols = torch.arange(w, device=dev).view(1,1,w).expand(n,1,w)
+        if self.flip: cols = torch.where(torch.rand(n,1,1, device=dev) < 0.5, cols.flip(-1), cols)
+        src = (i + torch.arange(h, device=dev).view(1,h,1)) * (w+2*p) + j + cols   # (n, h, w) source pixel of each output pixel
+        return TensorImage(xp.gather(2, src.view(n,1,h*w).expand(n,c,h*w)).view(n,c,h,w))
 
 # %% ../nbs/00_data.ipynb #c006
-class _TensorDS(torch.utils.data.Dataset):
-    "Images and labels held in tensors; classification, so fastai infers cross-entropy"
-    def __init__(self, x, y): self.x, self.y, self.loss_func = x, y, CrossEntropyLossFlat()
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
-    def new_empty(self): return type(self)(self.x[:0], self.y[:0])   # what `Learner.export` keeps of the data
+class AsImage(ItemTransform):
+    "An image item as a uint8 `TensorImage` (C, H, W), from a (C, H, W) uint8 tensor, an (H, W[, C]) uint8 array, a PIL image or an (image, label) pair"
+    input_types = (tuple, torch.Tensor, np.ndarray, Image.Image)
+    def __init__(self, shape:tuple=None): self.shape = shape   # the (C, H, W) every image must have; None: any
+    def encodes(self, x):
+        if isinstance(x, (tuple, list)): x = x[0]   # an (image, label) pair, as `test_dl(..., with_labels=True)` passes them
+        c = self.shape[0] if self.shape else 3
+        if isinstance(x, Image.Image): x = np.asarray(x.convert('L' if c == 1 else 'RGB'))
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+            x = x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()   # arrays are (H, W, C), as PIL gives them
+        if x.dtype != torch.uint8: raise TypeError(f"expected a uint8 image (0..255), got {x.dtype}: convert it, e.g. `(x*255).round().byte()`")
+        if self.shape is not None and tuple(x.shape) != tuple(self.shape):
+            raise ValueError(f"expected an image of shape {tuple(self.shape)} (C, H, W), got {tuple(x.shape)}: resize it first")
+        return TensorImage(x)
+
+class ClassIndex(ItemTransform):
+    "A class index (or the label of an (image, label) pair) as a `TensorCategory`, decoded to its name in `vocab`"
+    loss_func, input_types = CrossEntropyLossFlat(), (tuple, int, np.integer, torch.Tensor)
+    def __init__(self, vocab): self.vocab = CategoryMap(vocab, sort=False); self.c = len(self.vocab)  # class names, in index order
+    def encodes(self, o): return TensorCategory(o[-1] if isinstance(o, (tuple, list)) else o)
+    def decodes(self, o): return Category(self.vocab[o])
+
+class _TensorDatasets(Datasets):
+    "fastai `Datasets` over an image tensor and a label tensor; its `items` are (image, label) pairs, as fastai's `Interpretation` takes them"
+    @property
+    def items(self): return list(zip(self.tls[0].items, self.tls[1].items))
+
+def tensor_dataset(
+    x:torch.Tensor,   # uint8 images (N, C, H, W)
+    y:torch.Tensor,   # class indices (N,), each in range(len(vocab))
+    vocab:list,       # class names, in index order
+    split_idx:int=None, # 0: training (random transforms run), 1: validation
+) -> Datasets:
+    "A fastai `Datasets` of (`TensorImage`, `TensorCategory`) over in-memory tensors, which `TensorDL` batches with one index per batch"
+    x, y = _check_xy(x, y, vocab)
+    # types given, not inferred from the first item: an empty set (no validation data) has none
+    tls = [TfmdLists(x, [AsImage(tuple(x.shape[1:]))], split_idx=split_idx, types=[AsImage.input_types, TensorImage]),
+           TfmdLists(y, [ClassIndex(vocab)], split_idx=split_idx, types=[ClassIndex.input_types, TensorCategory])]
+    return _TensorDatasets(tls=tls)
+
+def _check_xy(x, y, vocab=None, what='x'):
+    "`x`, `y` as contiguous tensors, or a clear error (before anything is built)"
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
+        raise TypeError(f"{what} must be uint8 images (N, C, H, W) in 0..255, got "
+                        f"{f'{x.dtype} of shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
+    y = torch.as_tensor(y)
+    if y.ndim != 1 or len(y) != len(x): raise ValueError(f"{len(x)} images but labels of shape {tuple(y.shape)}: need one label per image")
+    if y.is_floating_point() or y.is_complex(): raise TypeError(f"labels must be integer class indices, got {y.dtype}")
+    n = len(vocab) if vocab is not None else math.inf
+    if len(y) and (y.min() < 0 or y.max() >= n):
+        raise ValueError(f"labels must be class indices in 0..{n-1} (vocab of {n} classes), got {int(y.min())}..{int(y.max())}")
+    return x.contiguous(), y.long().contiguous()
+
+def _tensors(ds):
+    "The image and label tensors behind a `tensor_dataset`, or None for any other dataset"
+    if not isinstance(ds, _TensorDatasets): return None
+    (a, b), (fa, fb) = [tl.items for tl in ds.tls], [tl.tfms.fs for tl in ds.tls]
+    ok = [type(f) for f in fa] == [AsImage] and [type(f) for f in fb] == [ClassIndex] and \
+         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return (a, b) if ok else None
 
 class TensorDL(TfmdDL):
-    "A `TfmdDL` that indexes its `_TensorDS` once per batch, not once per item"
+    "A `TfmdDL` that indexes the tensors of a `tensor_dataset` once per batch, not once per item"
     def create_batches(self, samps): # item indices in fastai's sampling order
-        if not isinstance(self.dataset, _TensorDS) or self.after_item.fs or self.before_batch.fs:   # per-item work asked for
+        xy = _tensors(self.dataset)
+        if xy is None or self.after_item.fs or self.before_batch.fs:   # another dataset, or per-item work asked for
             yield from super().create_batches(samps); return
         for b in chunked(samps, self.bs, self.drop_last):   # fastai's order, batch size and drop_last
             i = torch.as_tensor(b, dtype=torch.long)
-            yield TensorImage(self.dataset.x[i]), TensorCategory(self.dataset.y[i])
+            yield TensorImage(xy[0][i]), TensorCategory(xy[1][i])   # what `AsImage` and `ClassIndex` give per item
 
 def tensor_dls(
     x_train:torch.Tensor, # uint8 images (N, C, H, W) for training
-    y_train:torch.Tensor, # int64 labels
+    y_train:torch.Tensor, # int64 class indices
     x_valid:torch.Tensor, # uint8 images for validation
-    y_valid:torch.Tensor, # int64 labels
-    vocab:list=None,      # class names (default: the label values)
+    y_valid:torch.Tensor, # int64 class indices
+    vocab:list=None,      # class names, in index order (default: 0..max label)
     bs:int=64,            # batch size
-    aug:bool=False,       # random pad-crop-flip on the training set
+    aug:bool=False,       # random pad-crop-flip (per image) on the training set
     device=None,          # where batches go (default: fastai's default device)
     num_workers:int=0,    # worker processes; 0 is fastest for in-memory tensors
     **kwargs,             # passed to both `DataLoader`s
 ) -> DataLoaders:
     "`DataLoaders` over in-memory uint8 image tensors, normalised with the training set's statistics"
-    if x_train.dtype != torch.uint8: raise TypeError(f"x_train must be uint8 images, got {x_train.dtype}")
-    x_train, x_valid = x_train.contiguous(), x_valid.contiguous()
+    x_train, y_train = _check_xy(x_train, y_train, vocab, 'x_train')
+    x_valid, y_valid = _check_xy(x_valid, y_valid, vocab, 'x_valid')
+    if vocab is None: vocab = list(range(max([int(y.max()) for y in (y_train, y_valid) if len(y)], default=-1) + 1))
+    if x_valid.shape[1:] != x_train.shape[1:] and len(x_valid):
+        raise ValueError(f"training images are {tuple(x_train.shape[1:])}, validation images {tuple(x_valid.shape[1:])}: give both the same (C, H, W)")
     xf = x_train[:4096].float()/255
     mean, std = xf.mean((0,2,3)).tolist(), xf.std((0,2,3)).clamp_min(1e-3).tolist()
     tfms = [ToFloatNorm(mean, std)] + ([PadCropFlip()] if aug else [])
     device = ifnone_device(device)
-    trn = TensorDL(_TensorDS(x_train, y_train), bs=bs, shuffle=True, drop_last=len(x_train)>bs,
-                 after_batch=tfms, device=device, num_workers=num_workers, **kwargs)
-    val = TensorDL(_TensorDS(x_valid, y_valid), bs=bs*2, shuffle=False, after_batch=tfms,
-                 device=device, num_workers=num_workers, **kwargs)
-    trn.after_batch.split_idx, val.after_batch.split_idx = 0, 1   # augmentation on the training set only
-    dls = DataLoaders(trn, val)
-    dls.vocab = list(vocab) if vocab is not None else sorted(set(y_train.tolist()) | set(y_valid.tolist()))
-    dls.c = len(dls.vocab)
-    return dls
+    # split_idx lives on the datasets: fastai's TfmdDL hands it to the batch transforms at every epoch
+    trn = TensorDL(tensor_dataset(x_train, y_train, vocab, split_idx=0), bs=bs, shuffle=True, drop_last=len(x_train)>bs,
+                   after_batch=tfms, device=device, num_workers=num_workers, **kwargs)
+    val = TensorDL(tensor_dataset(x_valid, y_valid, vocab, split_idx=1), bs=bs*2, shuffle=False, after_batch=tfms,
+                   device=device, num_workers=num_workers, **kwargs)
+    return DataLoaders(trn, val)
 
 def ifnone_device(device): # a device, its name, or None
     "`device` as a `torch.device`, fastai's default device if None"

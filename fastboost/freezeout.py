@@ -7,7 +7,7 @@ Docs: https://fastboost.github.io/fastboost/freezeout.html.md"""
 
 # %% ../nbs/03_freezeout.ipynb #c002
 from __future__ import annotations
-import math, time, warnings
+import itertools, math, time, warnings
 import numpy as np, pandas as pd, torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -20,7 +20,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import get_model
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder
-from .blocks import body_blocks, block_splitter
+from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
 
 # %% auto #0
 __all__ = ['freeze_times', 'freeze_iters', 'freezeout_lr', 'stage_costs', 'predicted_saving', 'FreezeOutCallback']
@@ -168,15 +168,19 @@ class FreezeOutCallback(Callback):
     def __init__(self,
         t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
         schedule:str='cubic',  # 'linear', 'squared' or 'cubic' scaling of the freeze times
-        scale_lr:bool=True,    # start block $i$ at lr/$t_i$, so every block gets the same total learning rate
+        scale_lr='auto',       # start block $i$ at lr/$t_i$ (the paper, made for SGD); 'auto': only if the optimizer is not Adam-type
         cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
         frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
+        bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
     ):
         _check_args(t0, schedule)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
         if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
+        if scale_lr not in (True, False, 'auto'): raise ValueError(f"scale_lr must be True, False or 'auto', got {scale_lr!r}")
+        if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
         self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
+        self.bn_samples = bn_samples
         self.report, self.speedup, self._active = None, {}, False
 
     # fastai sets `cb.learn = None` in a `finally` when `fit(..., cbs=cb)` ends: after an exception (where fastai
@@ -200,7 +204,9 @@ class FreezeOutCallback(Callback):
         self.times = freeze_times(n, self.t0, self.schedule)
         self.iters = freeze_iters(self.times, T)
         self.base_lr = lrn.opt.hypers[-1]['lr']
-        self.block_lr0 = [self.base_lr/t if self.scale_lr else self.base_lr for t in self.times]
+        # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
+        self.scaled = 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
+        self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
         hypers = dict(lrn.opt.hypers[-1])
         # everything checked: from here on we change the learner, and `restore` undoes it
         self._lrn, self.blocks, self.total_iters = lrn, blocks, T
@@ -284,6 +290,7 @@ class FreezeOutCallback(Callback):
     def _freeze(self, i):
         "Freeze block `i`: out of autograd and the optimizer's updates, BatchNorm statistics fixed"
         b = self.blocks[i]
+        if self.bn_samples: self._exact_bn(b)
         self._modes[i] = [(m, m.training) for m in b.modules()]
         if self.frozen_bn == 'batch':
             bns = [m for m in b.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
@@ -292,6 +299,13 @@ class FreezeOutCallback(Callback):
         self._frozen_mode(b)
         for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
         self.n_frozen = i+1
+
+    def _exact_bn(self, b):
+        "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
+        dl = self.dls.train
+        dl = getattr(dl, 'dl', dl) if type(dl).__name__ == 'DistributedDL' else dl   # each process its own batches
+        batches = itertools.islice(dl.new(shuffle=True, drop_last=False), max(1, math.ceil(self.bn_samples/dl.bs)))
+        with _rng_kept(): exact_bn_stats(get_model(self.learn.model), b, batches)   # the fit's own draws as without it
 
     def _rewrap(self):
         "DDP registers the parameters that require grad when it is built: build it again now that blocks are frozen"
@@ -352,15 +366,16 @@ def fit_freezeout(self:Learner,
     lr:float=None,         # base learning rate (default `learn.lr`)
     t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
     schedule:str='cubic',  # 'linear', 'squared' or 'cubic'
-    scale_lr:bool=True,    # start block $i$ at lr/$t_i$
+    scale_lr='auto',       # start block $i$ at lr/$t_i$ (True), or not (False); 'auto': only if the optimizer is not Adam-type
     cost:str='flops',      # cost model for the predicted speed-up: 'flops' or 'time'
     wd:float=None,         # weight decay (default `learn.wd`)
     cbs=None,              # more callbacks for this fit
     reset_opt:bool=False,  # reset the optimizer first
     frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics)
+    bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm statistics on (0: keep them)
 ) -> FreezeOutCallback:
     "Fit with FreezeOut; returns the callback, whose `report` and `speedup` describe the run"
-    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn)
+    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples)
     self.fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
 

@@ -36,22 +36,28 @@ def _n_warmup(warmup, n_iter):
         raise ValueError(f"warmup={warmup!r}: pass a number of iterations (int >= 0) or a fraction of the fit (float in [0, 1))")
     return int(warmup)
 
-def _check_cycles(n_cycles, cycle_mult):
+def _check_cycles(n_cycles, cycle_mult, first=None, restart_lr=1.):
     if not isinstance(n_cycles, numbers.Integral) or isinstance(n_cycles, bool) or n_cycles < 1:
         raise ValueError(f"n_cycles={n_cycles!r}: need an integer >= 1 (the number of cosine cycles, i.e. of snapshots)")
     if not cycle_mult > 0: raise ValueError(f"cycle_mult={cycle_mult!r}: need a positive number (1 gives equal cycles)")
+    if first is not None and not 0 < first < 1:
+        raise ValueError(f"first={first!r}: the first cycle's share of the cycles' iterations, in (0, 1) (None: from cycle_mult)")
+    if not 0 < restart_lr <= 1: raise ValueError(f"restart_lr={restart_lr!r}: the later cycles' peak as a fraction of the first's, in (0, 1]")
 
 def snapshot_schedule(
     n_iter:int,                # training iterations (batches) in the whole fit
     n_cycles:int,              # cosine cycles, i.e. snapshots
     warmup:int|float=0,        # linear warm-up from 0 before the first cycle: iterations (int) or fraction of `n_iter` (float)
     cycle_mult:float=1.,       # each cycle is `cycle_mult` times as long as the one before (SGDR); 1: equal cycles
+    first:float=None,          # the first cycle's share of the cycles' iterations (FGE/SWA: most of them); None: from `cycle_mult`
+    restart_lr:float=1.,       # peak of every later cycle, as a fraction of the first's (FGE/SWA restart far below it)
 ) -> tuple:
     "Multipliers of the peak LR for each iteration, and the iteration counts after which the snapshots are taken"
-    _check_cycles(n_cycles, cycle_mult)
+    _check_cycles(n_cycles, cycle_mult, first, restart_lr)
     n_warm = _n_warmup(warmup, n_iter)
     n_cyc = n_iter - n_warm
     w = np.array([float(cycle_mult)**i for i in range(n_cycles)])
+    if first is not None and n_cycles > 1: w[0] = first / (1 - first) * w[1:].sum()   # the later cycles share the rest
     # rounding the cumulative boundaries (not each length) keeps the total exact and every length within 1 of its share
     bounds = [0] + [int(round(n_cyc * c)) for c in np.cumsum(w) / w.sum()]
     bounds[-1] = n_cyc
@@ -61,7 +67,8 @@ def snapshot_schedule(
         raise ValueError(f"{n_iter} iterations{warm} cannot hold {n_cycles} cycles (cycle_mult={cycle_mult}): the shortest "
                          f"would have {max(lens.min(), 0)} iteration(s). Train for more epochs, or use fewer cycles or a smaller cycle_mult.")
     lrs = [sched_lin(0., 1., t / n_warm) for t in range(n_warm)]
-    lrs += [sched_cos(1., 0., (t - s) / (e - s)) for s, e in zip(bounds[:-1], bounds[1:]) for t in range(s, e)]
+    lrs += [sched_cos(1. if i == 0 else restart_lr, 0., (t - s) / (e - s))
+            for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) for t in range(s, e)]
     return np.array(lrs), [n_warm + e for e in bounds[1:]]
 
 # %% ../nbs/04_snapshot.ipynb #c015
@@ -133,16 +140,19 @@ class SnapshotEnsembleCallback(Callback):
         n_cycles:int=5,            # cosine cycles, i.e. snapshots
         warmup:int|float=0,        # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
         cycle_mult:float=1.,       # cycle length multiplier (SGDR); 1 (the paper) gives equal cycles
+        first:float=None,          # the first cycle's share of the cycles' iterations (FGE/SWA-style: most); None: from cycle_mult
+        restart_lr:float=1.,       # peak of the later cycles, as a fraction of the first's (the paper: 1)
         reset_momentum:bool=False, # clear the optimizer's state (momentum, Adam moments) at each restart; the paper does not
         save:str='memory',         # 'memory': CPU state dicts; 'disk': files under `learn.path/learn.model_dir`
         fname:str='snapshot',      # file names for `save='disk'`: `{fname}_{k}.pth`, k = 1..n_cycles, and `{fname}.json`
         resume:bool=False,         # with `fit(..., start_epoch=e)`: keep the snapshots the interrupted fit took before epoch `e`
     ):
-        _check_cycles(n_cycles, cycle_mult)
+        _check_cycles(n_cycles, cycle_mult, first, restart_lr)
         if save not in ('memory', 'disk'): raise ValueError(f"save={save!r}: use 'memory' (CPU state dicts) or 'disk' (files)")
         _n_warmup(warmup, 10**9)  # type check now, length at fit time
         self.n_cycles, self.warmup, self.cycle_mult, self.reset_momentum = n_cycles, warmup, cycle_mult, reset_momentum
-        self.storage, self.fname, self.resume = save, fname, resume
+        self.storage, self.fname, self.resume, self.first, self.restart_lr = save, fname, resume, first, restart_lr
+        self.members = None   # the cycles `select` chose (with repeats): the default of get_preds, ensemble, average_weights
         self.snapshots, self.lrs, self._cache, self._fitting, self._lrn, self._model, self._meta = [], [], {}, False, None, None, None
 
     # `fit` sets `cb.learn = None` in a `finally` when it removes the callback: the one hook that also runs after
@@ -169,7 +179,7 @@ class SnapshotEnsembleCallback(Callback):
             "Use them in separate fits, e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())` then "
             "`learn.fit(m, lr, cbs=SnapshotEnsembleCallback(...))`")
         n_it = len(learn.dls.train)
-        lrs, ends = snapshot_schedule(learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult)  # may raise: nothing changed yet
+        lrs, ends = snapshot_schedule(learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult, self.first, self.restart_lr)  # may raise: nothing changed yet
         lr0 = np.array([h['lr'] for h in learn.opt.hypers])
         meta = dict(n_iter=learn.n_epoch * n_it, iters_per_epoch=n_it, ends=[int(e) for e in ends], lr0=lr0.tolist())
         start = next((c._skip_to for c in learn.cbs if isinstance(c, SkipToEpoch)), 0) * n_it   # fit(..., start_epoch=)
@@ -190,7 +200,7 @@ class SnapshotEnsembleCallback(Callback):
         self._sdir, self._meta = sdir, meta
         self._lrn, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
         self._lr0 = lr0
-        self.snapshots, self._cache = kept, {}
+        self.snapshots, self._cache, self.members = kept, {}, None   # new snapshots: `select` again
         self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
         self._fitting = True
 
@@ -295,8 +305,8 @@ def _select(self:SnapshotEnsembleCallback, last=None, which=None) -> list:
     if which is not None:
         miss = [k for k in L(which) if k not in have]
         if miss: raise ValueError(f"no snapshot for cycle(s) {miss}; snapshots exist for cycles {have}")
-        return [s for s in self.snapshots if s['cycle'] in L(which)]
-    if last is None: return list(self.snapshots)
+        return [self.snapshots[have.index(k)] for k in L(which)]   # in order, repeats kept: a repeat weighs twice
+    if last is None: return [self.snapshots[have.index(k)] for k in self.members] if self.members else list(self.snapshots)
     if last == 'best':
         _need_valid(self._learner(), "last='best' chooses the snapshots by validation accuracy: pass last=m or which=[...] instead")
         r = self.report
@@ -343,7 +353,7 @@ def _load_into(self:SnapshotEnsembleCallback, model:nn.Module, k:int):
 @patch
 def snapshot_preds(self:SnapshotEnsembleCallback,
     dl=None,          # a `DataLoader` (default: `learn.dls.valid`, cached)
-    last=None,        # the last `last` snapshots (default: all), or 'best'
+    last=None,        # the last `last` snapshots (default: the members `select` chose, else all), or 'best'
     which=None,       # or these cycle numbers (1-based)
 ) -> tuple:
     "Probabilities of each chosen snapshot (a list) and the targets, with `learn.get_preds`"
@@ -372,7 +382,7 @@ def snapshot_preds(self:SnapshotEnsembleCallback,
 @patch
 def get_preds(self:SnapshotEnsembleCallback,
     dl=None,          # a `DataLoader` (default: `learn.dls.valid`)
-    last=None,        # average the last `last` snapshots (default: all), or 'best' (the size best on validation)
+    last=None,        # average the last `last` snapshots (default: the members `select` chose, else all), or 'best' (the size best on validation)
     which=None,       # or these cycle numbers (1-based)
 ) -> tuple:
     "Softmax averaged over the chosen snapshots, and the targets"
@@ -390,7 +400,7 @@ def evaluate(self:SnapshotEnsembleCallback,
     "Per-snapshot and backward-grown ensemble metrics (also stored as `cb.disagreement` for the pairwise matrix)"
     if dl is None: _need_valid(self._learner(), "`cb.report` and `cb.evaluate()` measure the snapshots on it: call "
                                "`cb.evaluate(dl)` with a labelled DataLoader")
-    probs, targs = self.snapshot_preds(dl)
+    probs, targs = self.snapshot_preds(dl, which=[s['cycle'] for s in self.snapshots])   # every snapshot, whatever `select` chose
     if targs is None or targs.dtype not in (torch.int64, torch.int32) or targs.ndim != 1:
         raise ValueError("the report needs single-label classification targets (one class index per sample)")
     cyc = [s['cycle'] for s in self.snapshots]
@@ -407,6 +417,30 @@ def evaluate(self:SnapshotEnsembleCallback,
                          ens_ece=calibration_error(ens, targs), ens_gain=_acc(ens, targs) - max(singles)))
     return pd.DataFrame(rows).set_index('cycle')
 
+@patch
+def select(self:SnapshotEnsembleCallback,
+    dl,                  # a labelled held-out `DataLoader` (a split of the training data, not the test set)
+    max_size:int=None,   # most members, repeats counted (default: twice the number of snapshots)
+) -> pd.DataFrame:
+    "Choose the snapshots to average on `dl` by greedy forward selection with replacement (Caruana et al. 2004)"
+    have = [s['cycle'] for s in self.snapshots]
+    probs, targs = self.snapshot_preds(dl, which=have)
+    score = lambda p: (1 - _acc(p, targs), _nll(p, targs))   # error first, NLL breaks ties: never worse than the best member
+    rows = [dict(step=0, members=(k,), accuracy=_acc(p, targs), nll=_nll(p, targs)) for k, p in zip(have, probs)]
+    i = min(range(len(probs)), key=lambda j: score(probs[j]))
+    members, total, best = [have[i]], probs[i].clone(), score(probs[i])
+    rows[i]['chosen'] = True
+    for step in range(1, max_size or 2*len(have)):
+        cands = [(score((total + p) / (len(members) + 1)), j) for j, p in enumerate(probs)]
+        for (err, nll), j in cands: rows.append(dict(step=step, members=tuple(members + [have[j]]), accuracy=1 - err, nll=nll))
+        s, j = min(cands)
+        if not s < best: break
+        members.append(have[j]); total += probs[j]; best = s
+        rows[-len(cands) + j]['chosen'] = True
+    self.members = members
+    self.selection = pd.DataFrame(rows).fillna({'chosen': False})
+    return self.selection
+
 @patch(as_prop=True)
 def report(self:SnapshotEnsembleCallback) -> pd.DataFrame:
     "`evaluate()` on the validation set"
@@ -414,7 +448,7 @@ def report(self:SnapshotEnsembleCallback) -> pd.DataFrame:
 
 @patch
 def ensemble(self:SnapshotEnsembleCallback,
-    last=None,        # the last `last` snapshots (default: all), or 'best'
+    last=None,        # the last `last` snapshots (default: the members `select` chose, else all), or 'best'
     which=None,       # or these cycle numbers (1-based)
     log:bool=True,    # output log of the averaged softmax (drop-in for a fastai `Learner`); False: the probabilities
 ) -> SnapshotEnsemble:
@@ -446,7 +480,7 @@ def plot(self:SnapshotEnsembleCallback, figsize=(11, 3.5)):
 # %% ../nbs/04_snapshot.ipynb #c028
 @patch
 def average_weights(self:SnapshotEnsembleCallback,
-    last=None,        # the last `last` snapshots (default: all), or 'best'
+    last=None,        # the last `last` snapshots (default: the members `select` chose, else all), or 'best'
     which=None,       # or these cycle numbers (1-based)
     bn_dl=None,       # batches for the BatchNorm refresh (default: `learn.dls.train`)
 ) -> nn.Module:

@@ -151,3 +151,18 @@ def test_snapshot_file_damaged(tmp_path, damage):
     after = state(learn)
     assert after['model'] is before['model'] and max_diff(after['weights'], before['weights']) == 0
     assert len(cb.get_preds(which=[2])[0]) == 32   # the intact snapshot still predicts
+
+def test_boost_loss_without_validation_set():
+    "loss='boost' computes the paper's edges on the training set: every block trains, edge and alpha finite, with no validation set"
+    import warnings
+    no_valid = tiny_dls(n=64, n_valid=0, bs=16)
+    for cache in (False, True):
+        learn = tiny_learner(no_valid)
+        cb = BoostResNetCallback(loss='boost', cache=cache)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            learn.fit(3, 1e-2, cbs=cb)
+        assert not any('non-finite' in str(x.message) for x in w), [str(x.message) for x in w]
+        r = cb.report
+        assert len(r) == len(cb.blocks), f"stopped after {len(r)} of {len(cb.blocks)} blocks"
+        assert r.edge.notna().all() and r.alpha.notna().all() and r.valid_edge.isna().all()

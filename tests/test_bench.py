@@ -20,7 +20,9 @@ def test_every_arm_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads((out/'bench.json').read_text())
-    assert [row['arm'] for row in res['rows']] == ARMS + ['snapshot-ens2']
+    assert [row['arm'] for row in res['rows']] == ARMS + ['snapshot-ens2', 'snapshot-swa']
+    # calibration of e2e and of the snapshot ensemble, side by side
+    assert set(res['extra']['e2e_calibration']) == {'nll', 'ece'} and set(res['extra']['snapshot_calibration']) == {'ens1', 'ens2'}
     assert res['errors'] == {}
     for row in res['rows']:
         assert 0 <= row['train_acc'] <= 1 and 0 <= row['test_acc'] <= 1, row
@@ -44,7 +46,9 @@ def test_every_arm_end_to_end(tmp_path):
     # the markdown table, printed and written, with e2e as the reference of the ratios
     table = (out/'bench.md').read_text()
     assert table.strip() == res['table'].strip() and res['table'] in r.stdout
-    assert table.splitlines()[2].startswith('| e2e |') and table.splitlines()[2].endswith('| 1.00 | 1.00 |')
+    e2e = [c.strip() for c in table.splitlines()[2].split('|')]
+    assert e2e[1] == 'e2e' and e2e[6] == e2e[7] == '1.00'   # time / e2e, memory / e2e
+    assert "to e2e's acc / e2e's time" in table and all('to_e2e_acc_s' in r for r in res['rows'] if r['arm'] in res['curves'])
 
 def test_tensor_memory_columns(tmp_path):
     "`--tensor-memory`: a peak per epoch (per block for boost) in each row, the two table columns and the per-block figure"

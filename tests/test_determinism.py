@@ -26,5 +26,5 @@ def test_same_seed_same_weights(name):
         assert len(cb1.snapshots) == len(cb2.snapshots) == 2
         for k in (1, 2): assert max_diff(cb1.load_snapshot(k), cb2.load_snapshot(k)) == 0
     if name == 'boost':
-        cols = ['train_loss', 'valid_loss', 'valid_acc', 'edge']
+        cols = ['train_loss', 'valid_loss', 'valid_acc', 'valid_edge']
         assert cb1.report[cols].equals(cb2.report[cols])

@@ -4,7 +4,7 @@ uses a small callback placed where fastai's `MixedPrecision` sits (order 10)."""
 import pytest, torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.torch_core import to_float
+from fastai.torch_core import to_float, set_seed
 from _tiny import tiny_learner, tiny_dls, CBS, weights
 
 @pytest.fixture(autouse=True, scope='module')
@@ -40,6 +40,7 @@ def test_fastai_to_bf16_is_a_noop_on_cpu():
 
 @pytest.mark.parametrize('name', list(CBS))
 def test_bf16_autocast_cpu(name):
+    set_seed(0)   # one fixed initialisation: at lr 1e-2 without warm-up an unlucky one can reach a NaN in bf16 (seen once for snapshot)
     learn = tiny_learner(tiny_dls(n=64, n_valid=32, bs=16))
     w0, probe = weights(learn.model), Probe()
     learn.fit(3, 1e-2, cbs=[CBS[name](), CPUBF16(), probe])
