@@ -1,6 +1,12 @@
 """bfloat16 autocast on CPU for each callback: the forward runs in bf16, the loss stays finite, the weights stay float32
 and train. fastai's `to_bf16()` enters `autocast('cuda')` only, so it does nothing on CPU (checked below); the CPU test
-uses a small callback placed where fastai's `MixedPrecision` sits (order 10)."""
+uses a small callback placed where fastai's `MixedPrecision` sits (order 10).
+
+oneDNN's bf16 convolution backward on CPU (torch 2.15) now and then returns NaN in a weight gradient for the same
+weights and batch that gave finite ones the step before (`set_detect_anomaly` names `ConvolutionBackward0`, output 1;
+seen in 2 of 3 runs of 400 plain PyTorch steps on the tiny model, never in 800 with oneDNN off). That is torch's, not
+ours, and it made these tests fail at random, so the bf16 tests run with oneDNN off: autocast still runs every
+convolution in bf16, through ATen's own kernel."""
 import pytest, torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
@@ -40,10 +46,11 @@ def test_fastai_to_bf16_is_a_noop_on_cpu():
 
 @pytest.mark.parametrize('name', list(CBS))
 def test_bf16_autocast_cpu(name):
-    set_seed(0)   # one fixed initialisation: at lr 1e-2 without warm-up an unlucky one can reach a NaN in bf16 (seen once for snapshot)
+    set_seed(0)
     learn = tiny_learner(tiny_dls(n=64, n_valid=32, bs=16))
     w0, probe = weights(learn.model), Probe()
-    learn.fit(3, 1e-2, cbs=[CBS[name](), CPUBF16(), probe])
+    with torch.backends.mkldnn.flags(enabled=False):   # see the module's docstring
+        learn.fit(3, 1e-2, cbs=[CBS[name](), CPUBF16(), probe])
     assert probe.dtypes == {torch.bfloat16}, probe.dtypes
     assert len(probe.losses) == 12 and all(torch.isfinite(torch.tensor(probe.losses)))
     w = weights(learn.model)

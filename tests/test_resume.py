@@ -16,16 +16,29 @@ from _tiny import tiny_learner, tiny_dls, weights, max_diff
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
+    """One thread, and oneDNN off: its CPU convolution backward returned NaN weight gradients at random for bf16 here (see
+    test_precision.py), and on CI's machine these fp32 fits once stopped early for a reason we could not reproduce"""
     n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
+    with torch.backends.mkldnn.flags(enabled=False): yield
     torch.set_num_threads(n)
 
 class CancelAfterEpoch(Callback):
     "Stop the fit at the end of epoch `epoch` (after SaveModelCallback (61) wrote its file)"
     order = 100
-    def __init__(self, epoch): self.stop_epoch = epoch
+    def __init__(self, epoch): self.stop_epoch, self.fired = epoch, False
     def after_epoch(self):
-        if self.epoch == self.stop_epoch: raise CancelFitException(f"test: stopped after epoch {self.epoch}")
+        if self.epoch == self.stop_epoch: self.fired = True; raise CancelFitException(f"test: stopped after epoch {self.epoch}")
+
+def _fit_until_cancel(learn, cbs, n_epoch):
+    "`learn.fit` that must end at the test's cancel, not earlier (a NaN stop would otherwise show up as a missing file)"
+    stop = [cb for cb in cbs if isinstance(cb, (CancelAfterEpoch, InterruptAt))][0]
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            learn.fit(n_epoch, 1e-2, cbs=cbs)
+    finally:
+        for w in rec: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)   # still reported
+        assert stop.fired, f"the fit ended before the test's stop; warnings: {[str(w.message)[:300] for w in rec]}"
 
 def _learner(path, opt_func):
     set_seed(0, reproducible=True)
@@ -66,7 +79,7 @@ def test_freezeout_resume_equals_uninterrupted(tmp_path, how, opt):
     init = weights(learn.model)
     cbs = [FreezeOutCallback(**FO), CancelAfterEpoch(1)]
     if how == 'save_model_callback': cbs.append(SaveModelCallback(every_epoch=True, with_opt=True))
-    learn.fit(3, 1e-2, cbs=cbs)
+    _fit_until_cancel(learn, cbs, 3)
     if how == 'save_after_cancel': learn.save('model_1', with_opt=True)   # the learner, restored after the cancel
 
     res = _learner(tmp_path, OPTS[opt])
@@ -86,9 +99,9 @@ def test_freezeout_resume_equals_uninterrupted(tmp_path, how, opt):
 class InterruptAt(Callback):
     "Raise KeyboardInterrupt at training iteration `n` (after the optimizer step)"
     order = 100
-    def __init__(self, n): self.n = n
+    def __init__(self, n): self.n, self.fired = n, False
     def after_batch(self):
-        if self.training and self.train_iter == self.n: raise KeyboardInterrupt("test: Ctrl-C")
+        if self.training and self.train_iter == self.n: self.fired = True; raise KeyboardInterrupt("test: Ctrl-C")
 
 @pytest.mark.parametrize('save', ['disk', 'memory'])
 def test_snapshot_resume_equals_uninterrupted(tmp_path, save):
@@ -102,9 +115,9 @@ def test_snapshot_resume_equals_uninterrupted(tmp_path, save):
     init = weights(learn.model)
     cb = snap(resume=True)
     ckpt = SaveModelCallback(every_epoch=True, with_opt=True)
-    if save == 'disk': learn.fit(4, 1e-2, cbs=[cb, ckpt, CancelAfterEpoch(2)])
+    if save == 'disk': _fit_until_cancel(learn, [cb, ckpt, CancelAfterEpoch(2)], 4)
     else:
-        with pytest.raises(KeyboardInterrupt): learn.fit(4, 1e-2, cbs=[cb, ckpt, InterruptAt(10)])
+        with pytest.raises(KeyboardInterrupt): _fit_until_cancel(learn, [cb, ckpt, InterruptAt(10)], 4)
     assert [s['cycle'] for s in cb.snapshots] == ([1, 2, 3] if save == 'disk' else [1, 2])
 
     if save == 'disk': learn, cb = _learner(tmp_path/'run', Adam), snap(resume=True)   # as in a new process
