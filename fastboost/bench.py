@@ -22,20 +22,28 @@ from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 from .data import tensor_dls, tensor_dataset, digits_tensors
-from .blocks import body_blocks, pytorchcv_arch
+from .blocks import body_blocks, pytorchcv_arch, small_stem
 
 # %% auto #0
-__all__ = ['ARMS', 'DATASET_DEFAULTS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors', 'cifar10_tensors',
-           'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory', 'memory_peak',
-           'run_job', 'time_to_acc', 'bench_table', 'bench_figures', 'run_bench', 'main']
+__all__ = ['ARMS', 'DATASET_DEFAULTS', 'PRESETS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors',
+           'cifar10_tensors', 'svhn_tensors', 'load_data', 'bench_parser', 'parse_args', 'PeakMemory', 'TensorMemory',
+           'memory_peak', 'run_job', 'time_to_acc', 'bench_table', 'bench_figures', 'run_bench', 'main']
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
 
 DATASET_DEFAULTS = {
-    'digits':  dict(size=16, bs=128, epochs=3,  opt='adam', lr=1e-3, aug=False),
-    'cifar10': dict(size=32, bs=512, epochs=30, opt='sgd',  lr=0.1,  aug=True),
-    'svhn':    dict(size=32, bs=512, epochs=10, opt='adam', lr=1e-3, aug=False),
+    'digits':  dict(size=16, bs=128, epochs=3,  opt='adam', lr=1e-3, aug=False, stem='imagenet'),
+    'cifar10': dict(size=32, bs=512, epochs=30, opt='sgd',  lr=0.1,  aug=True,  stem='small'),
+    'svhn':    dict(size=32, bs=512, epochs=10, opt='adam', lr=1e-3, aug=False, stem='small'),
+}
+
+# `--preset study`: the study's whole table (ResNet50 with a CIFAR stem, all of CIFAR-10 with augmentation, batch 512,
+# SGD momentum 0.9 + L2 5e-4 at lr 0.1 cosine, 30 epochs; 17 block-epochs then fine-tuning; FreezeOut; 5 snapshots),
+# resumable arm by arm, with the memory check. Options given on the command line win over the preset.
+PRESETS = {
+    'study': dict(dataset='cifar10', arch='resnet50', stem='small', size=32, bs=512, epochs=30, opt='sgd', lr=0.1,
+                  aug=True, block_epochs=1, cycles=5, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
 }
 
 # each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
@@ -206,9 +214,11 @@ def bench_parser() -> argparse.ArgumentParser:
         epilog="Defaults marked 'dataset' depend on --dataset: " +
                '; '.join(f"{k}: {', '.join(f'{a}={b}' for a,b in v.items())}" for k,v in DATASET_DEFAULTS.items()))
     a = p.add_argument
+    a('--preset', choices=list(PRESETS), help="a whole study in one command: study = " + ', '.join(f'{k}={v}' for k, v in PRESETS['study'].items()) + " (options you give win)")
     a('--dataset', default='digits', choices=list(DATASET_DEFAULTS), help="digits ships with scikit-learn (offline)")
     a('--data', type=Path, help="dataset folder: cifar10 in fastai's layout (train/, test/), svhn's .mat files")
     a('--arch', default='resnet50', help="torchvision or fastai XResNet name, timm:NAME or pytorchcv:NAME")
+    a('--stem', choices=['imagenet', 'small'], help="small: `small_stem` (3x3 stride-1 first conv, no stem pooling), what CIFAR networks use (default: dataset)")
     a('--arms', type=_arms, default=list(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     a('--epochs', type=int, help="e2e epochs, also the FreezeOut and snapshot budget (default: dataset)")
     a('--block-epochs', type=int, default=1, help="BoostResNet epochs per block")
@@ -239,6 +249,9 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
       help="BoostResNet feature cache: auto = only without augmentation; on = cache the un-augmented images' features (the block-wise phase then trains without augmentation)")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
+    a('--bf16', action='store_true', help="bf16 mixed precision (fastai's to_bf16; GPU only: on CPU it is ignored, as fastai's autocast is CUDA-only)")
+    a('--resume', action='store_true', help="keep each finished job's result in --out/jobs/ and skip jobs already there with the same settings")
+    a('--memory-check', type=float, metavar='FRACTION', help="GPU: re-run the block-wise phase under a CUDA memory cap of FRACTION x e2e's measured peak and report passed/failed")
     a('--tensor-memory', action='store_true', help="CPU: also profile one iteration per epoch for the peak of live tensors (what a GPU would hold; see TensorMemory); slows training a little")
     a('--memory-history', type=int, metavar='N', help="GPU: record the CUDA allocator's last N events with their stack traces; "
       "writes memory_<arms>.pickle per job and the peak's largest allocations to bench.json (see memory_peak). Keep the run short; recording slows it, so do not quote its times")
@@ -248,11 +261,20 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
     return p
 
+def _given(argv):
+    "Names of the options the command line `argv` sets itself"
+    p = bench_parser()
+    for a in p._actions: a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
 def parse_args(
     argv:list=None, # command-line arguments (default: sys.argv[1:])
 ) -> argparse.Namespace:
     "Parsed arguments with the dataset's defaults filled in; raises `BenchError` for bad values"
-    args = bench_parser().parse_args(argv)
+    p = bench_parser(); args = p.parse_args(argv)
+    given = _given(argv)
+    for k, v in PRESETS.get(args.preset, {}).items():   # a preset fills what the command line did not give
+        if k not in given: setattr(args, k, v)
     for k, v in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, k, None) is None: setattr(args, k, v)
     if args.ft_epochs is None: args.ft_epochs = max(1, round(args.epochs/4))
@@ -267,6 +289,9 @@ def parse_args(
     if args.memory_history is not None and (args.memory_history < 1 or not args.device.startswith('cuda')):
         raise BenchError("--memory-history N records the last N >= 1 events of the CUDA allocator: it needs a GPU "
                          "(on a CPU, --tensor-memory profiles the tensors of a training step instead)")
+    if args.memory_check is not None and not 0 < args.memory_check <= 1: raise BenchError("--memory-check is a fraction of e2e's peak, in (0, 1]")
+    if 'memory_check' in given and not args.device.startswith('cuda'):
+        raise BenchError("--memory-check caps the CUDA allocator: it needs a GPU (with --preset on a CPU it is skipped)")
     if args.memory_cap is not None and (not args.memory_cap > 0 or not args.device.startswith('cuda')):
         raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
@@ -487,7 +512,12 @@ def run_job(
         set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
         dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
         learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
+        if cfg.get('stem') == 'small': small_stem(learn.model)
+        if dev.startswith('cuda'):   # the GPU fast path; channels-last on CUDA only (on CPU it doubles backward time)
+            torch.backends.cudnn.benchmark = True
+            learn.model.to(memory_format=torch.channels_last)
         if cfg['fp16']: learn.to_fp16()
+        elif cfg.get('bf16') and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
         ev = _train_eval_idx(len(xt), cfg['seed'])
         train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
         clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
@@ -666,6 +696,53 @@ def _errmsg(e):
     msg = f'{type(e).__name__}: {e}'
     return msg if str(e) else msg + ' ' + ''.join(traceback.format_exception(e)[-3:])
 
+# settings that do not change a job's result: where it is written, which other jobs run, the memory check
+_NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'preset', 'threads'}
+
+def _job(job, cfg, out, resume, spawn, name=None):
+    "Run one job, or with `resume` take its result from `out/jobs/` when it finished earlier with the same settings"
+    f, settings = Path(out)/'jobs'/f"{name or '+'.join(job)}.json", {k: v for k, v in cfg.items() if k not in _NOT_RESULT}
+    if resume and f.exists():
+        saved = json.loads(f.read_text())
+        if saved.get('settings') == settings:
+            print(f"finished earlier: {f} (delete it to run this job again)", flush=True); return saved['result'], None
+        print(f"{f} was run with other settings: running again", flush=True)
+    import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__
+    try:
+        if spawn:
+            # the job process ends by itself if this one is killed (a worker waiting for its task, too)
+            with ProcessPoolExecutor(1, mp_context=_mp_context(), initializer=fb._exit_with, initargs=(os.getpid(),)) as ex:
+                r = ex.submit(fb.run_job, job, cfg).result()
+        else: r = fb.run_job(job, cfg)
+    except Exception as e: return None, _errmsg(e)
+    if resume:   # write then rename: a run killed here leaves no half-written result
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f.name + '.tmp'); tmp.write_text(json.dumps(dict(settings=settings, result=r))); os.replace(tmp, f)
+    return r, None
+
+def _memory_check(res, cfg, out, resume, spawn):
+    "The block-wise phase again, under a CUDA cap of `memory_check` x e2e's measured peak: passed if it finishes"
+    frac = cfg['memory_check']
+    if not cfg['device'].startswith('cuda'): return dict(fraction=frac, skipped='needs a GPU (a CUDA allocator to cap)')
+    e2e = next((r for r in res['rows'] if r['arm'] == 'e2e' and 'error' not in r), None)
+    if e2e is None: return dict(fraction=frac, skipped="needs the e2e arm's measured peak")
+    cap = round(frac * e2e['peak_mb'], 1)
+    print(f"\n== memory check: the block-wise phase under a cap of {frac:g} x e2e's peak = {cap:g} MB ==", flush=True)
+    r, msg = _job(['boost'], dict(cfg, memory_cap=cap, memory_history=cfg.get('memory_history') or 100_000), out, resume, spawn,
+                  name='memory_check')
+    chk = dict(fraction=frac, e2e_peak_mb=e2e['peak_mb'], cap_mb=cap, passed=msg is None, error=msg)
+    if r is not None:
+        chk.update(peak_mb=r['rows'][0]['peak_mb'], test_acc=r['rows'][0]['test_acc'], allocator=r['extra'].get('memory_peak_boost'))
+    return chk
+
+def _memory_check_line(chk):
+    "One line for the table: the memory check's verdict"
+    if 'skipped' in chk: return f"Memory check ({chk['fraction']:g} x e2e's peak): skipped, {chk['skipped']}."
+    if not chk['passed']: return (f"Memory check: FAILED, the block-wise phase did not finish under {chk['cap_mb']:g} MB "
+                                  f"({chk['fraction']:g} x e2e's {chk['e2e_peak_mb']:g} MB): {chk['error'][:200]}")
+    return (f"Memory check: passed, the block-wise phase finished under a cap of {chk['cap_mb']:g} MB ({chk['fraction']:g} x "
+            f"e2e's {chk['e2e_peak_mb']:g} MB); its peak {chk['peak_mb']:g} MB.")
+
 def run_bench(
     args:argparse.Namespace, # from `parse_args`
     spawn:bool=True,         # each job in its own process (False: in this one, for quick tests; memory is then shared)
@@ -675,35 +752,31 @@ def run_bench(
     xt, _, xv, *_ = load_data(args.dataset, args.data, args.size, args.subset, args.test_subset, args.seed, args.cache)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch}, "
+    print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch} ({args.stem} stem), "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
           f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
-    import fastboost.bench as fb   # spawned processes import the job function from the module, never from __main__
     res = dict(config=cfg, rows=[], curves={}, extra={}, errors={}, memory=None,
                versions=dict(torch=torch.__version__, python=platform.python_version()),
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                             gpu=torch.cuda.get_device_name() if args.device.startswith('cuda') else None))
     for i, job in enumerate(_jobs(args.arms)):
         print(f"\n== {' + '.join(job)} ({i+1}/{len(_jobs(args.arms))}) ==", flush=True)
-        try:
-            if spawn:
-                # the job process ends by itself if this one is killed (a worker waiting for its task, too)
-                with ProcessPoolExecutor(1, mp_context=_mp_context(), initializer=fb._exit_with, initargs=(os.getpid(),)) as ex:
-                    r = ex.submit(fb.run_job, job, cfg).result()
-            else: r = fb.run_job(job, cfg)
-        except Exception as e:
-            msg = _errmsg(e); print(f'{job} failed: {msg}', file=sys.stderr, flush=True)
+        r, msg = _job(job, cfg, out, args.resume, spawn)
+        if msg is not None:
+            print(f'{job} failed: {msg}', file=sys.stderr, flush=True)
             for a in job: res['errors'][a] = msg; res['rows'].append(dict(arm=a, error=msg))
             continue
         res['rows'] += r['rows']; res['curves'].update(r['curves']); res['extra'].update(r['extra'])
         res['memory'] = res['memory'] or r['memory']
+    if args.memory_check: res['memory_check'] = _memory_check(res, cfg, out, args.resume, spawn)
     res['rows'].sort(key=lambda r: ARMS.index(r['arm'].split('-')[0]))   # snapshot-ens5, snapshot-swa after snapshot
     e2e = next((r for r in res['rows'] if r['arm'] == 'e2e' and 'error' not in r), None)
     for r in res['rows']:   # the wall-clock each arm needs to reach e2e's final accuracy (time to accuracy)
         if e2e and r['arm'] in res['curves']: r['to_e2e_acc_s'] = time_to_acc(res['curves'][r['arm']], e2e['test_acc'])
     res['table'] = bench_table(res['rows'], res['memory'] or '')
+    if res.get('memory_check'): res['table'] += '\n\n' + _memory_check_line(res['memory_check'])
     res['figures'] = bench_figures(res, out)
     res['total_s'] = round(time.perf_counter() - t0, 1)
     (out/'bench.json').write_text(json.dumps(res, indent=1))

@@ -18,7 +18,7 @@ from fastai.vision.core import imagenet_stats
 
 # %% auto #0
 __all__ = ['register_blocks', 'supported_families', 'is_unit', 'body_blocks', 'block_splitter', 'block_flops', 'exact_bn_stats',
-           'pytorchcv_arch', 'check_blocks']
+           'pytorchcv_arch', 'check_blocks', 'small_stem']
 
 # %% ../nbs/01_blocks.ipynb #c006
 _UNIT_TYPES: dict[type, str] = {}   # residual-unit type -> family name
@@ -202,3 +202,35 @@ def check_blocks(
     if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
         raise AssertionError(f"blocks do not rebuild the body: {tuple(a.shape)} vs {tuple(b.shape)}")
     return blocks
+
+# %% ../nbs/01_blocks.ipynb #ss2
+def _parent(model, target):
+    "(parent module, attribute name) of the module `target` inside `model`"
+    for name, m in model.named_modules():
+        for k, c in m.named_children():
+            if c is target: return m, k
+    raise ValueError("module not found in the model")
+
+def small_stem(
+    model:nn.Module,  # a `vision_learner` model, a bare body or a whole classifier of a family `body_blocks` knows
+) -> nn.Module:
+    "Adapt `model`'s stem to small images in place (3x3 stride-1 first conv, no stem pooling) and return it"
+    try: stem = body_blocks(model)[0]
+    except ValueError as e: raise ValueError(f"small_stem: cannot find the stem: {e}") from None
+    convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
+    if not convs: raise ValueError(f"small_stem: the stem of {type(model).__name__} has no Conv2d to replace: "
+                                   f"adapt it by hand (it is `body_blocks(model)[0]`)")
+    conv = convs[0]
+    if conv.groups != 1: raise ValueError(f"small_stem: the stem's first conv is grouped ({conv.groups} groups): adapt it by hand")
+    pools = [m for m in stem.modules() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and
+             (m.stride if isinstance(m.stride, int) else max(m.stride)) > 1]
+    # everything checked and located: from here on we change the model
+    small = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and type(conv) is nn.Conv2d
+    if not small:
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None,
+                        device=conv.weight.device, dtype=conv.weight.dtype)
+        nn.init.kaiming_normal_(new.weight, mode='fan_out', nonlinearity='relu')   # as torchvision initialises convs
+        p, k = _parent(model, conv); setattr(p, k, new)
+    for m in pools:
+        p, k = _parent(model, m); setattr(p, k, nn.Identity())
+    return model

@@ -111,3 +111,47 @@ def test_killed_command_leaves_no_job_running(tmp_path):
     left = jobs()
     for pid in left: os.kill(pid, signal.SIGKILL)
     assert not left, f"processes still running after the command was killed: {left}"
+
+def _fake_cifar(root, n_train=30, n_test=10, side=32):
+    "A CIFAR-10-shaped folder in fastai's layout (train/<class>/*.png, test/<class>/*.png) of random images"
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('test', n_test)):
+        for c in range(10):
+            d = root/split/f'class{c}'; d.mkdir(parents=True)
+            for i in range(n): Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(d/f'{i}.png')
+    return root
+
+def test_preset_study_smoke_and_resume(tmp_path):
+    """`--preset study` on CPU, on 300 random CIFAR-shaped images at 16 px with one epoch per arm: every arm runs the
+    study's ResNet50 with the small stem, the memory check says it was skipped (no GPU); a second run finds every job
+    finished and trains nothing; deleting one job's result runs that job alone again"""
+    data = _fake_cifar(tmp_path/'cifar')
+    out = tmp_path/'out'
+    cmd = [sys.executable, '-m', 'fastboost.bench', '--preset', 'study', '--data', str(data), '--size', '16', '--bs', '16',
+           '--epochs', '1', '--ft-epochs', '1', '--cycles', '1', '--threads', '1', '--cache', str(tmp_path/'cache'), '--out', str(out)]
+    run = lambda: subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = run()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads((out/'bench.json').read_text())
+    cfg = res['config']
+    assert (cfg['dataset'], cfg['arch'], cfg['stem'], cfg['opt'], cfg['lr'], cfg['aug'], cfg['bs']) == ('cifar10', 'resnet50', 'small', 'sgd', 0.1, True, 16)
+    assert [row['arm'] for row in res['rows']] == ARMS and res['errors'] == {}
+    assert res['extra']['n_blocks'] == 17
+    assert res['memory_check']['skipped'].startswith('needs a GPU') and 'Memory check (0.3' in r.stdout
+    jobs = sorted(f.name for f in (out/'jobs').iterdir())
+    assert jobs == ['boost+boost+e2e.json', 'e2e.json', 'freezeout.json', 'snapshot.json'], jobs
+
+    r2 = run()   # everything finished: nothing trains, the same table
+    assert r2.returncode == 0 and r2.stdout.count('finished earlier') == 4, r2.stdout[-2000:]
+    assert json.loads((out/'bench.json').read_text())['rows'] == res['rows']
+
+    (out/'jobs'/'snapshot.json').unlink()
+    r3 = run()
+    assert r3.returncode == 0 and r3.stdout.count('finished earlier') == 3, r3.stdout[-2000:]
+    assert (out/'jobs'/'snapshot.json').exists()
+
+def test_memory_check_needs_a_gpu(tmp_path):
+    r = subprocess.run([*cli(), '--memory-check', '0.3', '--device', 'cpu'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'needs a GPU' in r.stderr, r.stderr[-2000:]
