@@ -23,6 +23,7 @@ from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 from .data import tensor_dls, tensor_dataset, digits_tensors
 from .blocks import body_blocks, pytorchcv_arch, small_stem
+from .core import save_atomic
 
 # %% auto #0
 __all__ = ['ARMS', 'DATASET_DEFAULTS', 'PRESETS', 'IMG_EXTS', 'BenchError', 'default_cache', 'get_arch', 'folder_tensors',
@@ -717,7 +718,7 @@ def _job(job, cfg, out, resume, spawn, name=None):
     except Exception as e: return None, _errmsg(e)
     if resume:   # write then rename: a run killed here leaves no half-written result
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + '.tmp'); tmp.write_text(json.dumps(dict(settings=settings, result=r))); os.replace(tmp, f)
+        save_atomic(dict(settings=settings, result=r), f, fmt='json')
     return r, None
 
 def _memory_check(res, cfg, out, resume, spawn):

@@ -23,6 +23,7 @@ from fastai.vision.augment import RandTransform
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
+from .core import check_alone, distributed_trainer, save_atomic
 
 # %% auto #0
 __all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
@@ -162,8 +163,6 @@ def _create_opt(learn, *modules):
     try: learn.create_opt(); return learn.opt
     finally: learn.model, learn.splitter = model, splitter
 
-# our callbacks that own the learning rate and the trainable parameters: at most one of them per fit
-_OURS = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
 
 def _n_batches(dl) -> int:
     "Batches in `dl` (0 for a missing or empty validation set)"
@@ -220,10 +219,7 @@ class BoostResNetCallback(Callback):
         if self.loss_type == 'boost' and not _is_classification(self.learn.loss_func):
             raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
                              f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
-        ours = [type(cb).__name__ for cb in self.learn.cbs if cb is not self and any(k.__name__ in _OURS for k in type(cb).__mro__)]
-        if ours: raise ValueError(f"BoostResNetCallback cannot run in the same fit as {'another ' if ours[0] == type(self).__name__ else ''}"
-                                  f"{ours[0]}: both set the learning rate and the trainable parameters. Run them in separate fits "
-                                  f"(e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())`, then `learn.fit(m, lr, cbs={ours[0]}(...))`)")
+        check_alone(self, self.learn.cbs)
         if isinstance(self.learn.opt_func, OptimWrapper):
             raise ValueError("BoostResNetCallback builds an optimizer for each block's stage: pass `opt_func` as a function "
                              "(e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`), not an `OptimWrapper` instance")
@@ -233,7 +229,7 @@ class BoostResNetCallback(Callback):
                              f"validation batches: give them a validation set (e.g. `valid_pct=0.2`) or use stop=None")
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
-        self._dt = next((cb for cb in learn.cbs if type(cb).__name__ == 'DistributedTrainer'), None)
+        self._dt = distributed_trainer(learn.cbs)
         self.user_model = learn.model
         body, self.final_head = _split_model(self.user_model)
         self.blocks = body_blocks(body)
@@ -536,8 +532,7 @@ class BoostResNetCallback(Callback):
         state = dict(k=self.k, iters0=self._iters0, iters=list(self.iters), model=self.user_model.state_dict(),
                      heads=[h.state_dict() for h in self.heads[:-1]], records=self.records,
                      edge_prev=self.edge_prev, alpha_prev=self.alpha_prev, loss=self.loss_type)
-        tmp = f.with_name(f'.{f.name}.{os.getpid()}.tmp')
-        torch.save(state, tmp); os.replace(tmp, f)
+        save_atomic(state, f)
 
     def _load_checkpoint(self):
         f = self.checkpoint_file

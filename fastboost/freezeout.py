@@ -21,6 +21,7 @@ from fastai.torch_core import get_model
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
+from .core import check_alone, distributed_trainer
 
 # %% auto #0
 __all__ = ['freeze_times', 'freeze_iters', 'freezeout_lr', 'stage_costs', 'predicted_saving', 'FreezeOutCallback']
@@ -133,9 +134,6 @@ def _rel_cost(costs, iters, n_iter):
     return c[frozen]/c[0]
 
 # %% ../nbs/03_freezeout.ipynb #c014
-# fastboost callbacks that also set the learning rate (and, for BoostResNet, replace the model): not in the same fit
-_CLASH = ('BoostResNetCallback', 'SnapshotEnsembleCallback')
-
 def _param_state(opt):
     "Per-parameter optimizer state, keyed by parameter: fastai's `Optimizer.state`, or the torch optimizer's in `OptimWrapper`"
     return opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
@@ -236,16 +234,11 @@ class FreezeOutCallback(Callback):
                                  "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
         if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
             raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
-        clash = [c for c in lrn.cbs if any(k.__name__ in _CLASH for k in type(c).__mro__)]
-        if clash:
-            for c in clash:   # BoostResNet (order -9) has already swapped in its stage model: it puts the learner back
-                if callable(getattr(c, 'restore', None)): c.restore()
-            raise ValueError(f"FreezeOutCallback cannot run in the same fit as {type(clash[0]).__name__}: both set the "
-                             "learning rate (and BoostResNet trains its own stage models). Use them in separate fits")
+        check_alone(self, lrn.cbs)   # BoostResNet (order -9) has already swapped in its stage model: it is put back first
         if isinstance(lrn.opt_func, OptimWrapper):
             raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
                              "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
-        self._dt = next((c for c in lrn.cbs if type(c).__name__ == 'DistributedTrainer'), None)
+        self._dt = distributed_trainer(lrn.cbs)
         m = lrn.model
         if isinstance(m, DistributedDataParallel) and self._dt is None and not m.find_unused_parameters:
             raise ValueError("learn.model is a DistributedDataParallel built outside fastai's `distrib_ctx`/`to_distributed`: "

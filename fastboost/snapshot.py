@@ -22,6 +22,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder, sched_cos, sched_lin
 from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import get_model, rank_distrib
+from .core import check_alone, save_atomic, leftovers
 
 # %% auto #0
 __all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback']
@@ -107,10 +108,6 @@ class SnapshotEnsemble(nn.Module):
         return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log_out else p
 
 # %% ../nbs/04_snapshot.ipynb #c020
-# our callbacks that set the learning rate themselves (BoostResNet also trains stage models of its own), by class name:
-# a fit can hold only one of them
-_CLASH = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
-
 def _world() -> int:
     "Processes in the default process group (1 when not distributed)"
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -172,12 +169,7 @@ class SnapshotEnsembleCallback(Callback):
         if clash: raise ValueError(
             f"SnapshotEnsembleCallback schedules the learning rate itself, and {', '.join(clash)} also does (fit_one_cycle, "
             "fit_sgdr and fit_flat_cos add one): use `learn.fit(n_epoch, lr, cbs=cb)` or `learn.fit_snapshot(...)`")
-        ours = [type(c).__name__ for c in learn.cbs if c is not self and any(k.__name__ in _CLASH for k in type(c).__mro__)]
-        if ours: raise ValueError(
-            f"SnapshotEnsembleCallback cannot run in the same fit as {'another ' if ours[0] == type(self).__name__ else ''}"
-            f"{ours[0]}: both set the learning rate (BoostResNet also trains its own stage models, FreezeOut freezes blocks). "
-            "Use them in separate fits, e.g. `learn.fit(n, lr, cbs=BoostResNetCallback())` then "
-            "`learn.fit(m, lr, cbs=SnapshotEnsembleCallback(...))`")
+        check_alone(self, learn.cbs)
         n_it = len(learn.dls.train)
         lrs, ends = snapshot_schedule(learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult, self.first, self.restart_lr)  # may raise: nothing changed yet
         lr0 = np.array([h['lr'] for h in learn.opt.hypers])
@@ -195,8 +187,8 @@ class SnapshotEnsembleCallback(Callback):
                 keep = {Path(r['path']).name for r in kept}
                 for p in sdir.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
                     if p.stem[len(self.fname) + 1:].isdigit() and p.name not in keep: p.unlink()
-                for p in [*sdir.glob(f'.{self.fname}_*.pth.*.tmp'), *sdir.glob(f'.{self.fname}.json.*.tmp')]: p.unlink()   # left by a killed process
-                _atomic_save(meta, sdir / f'{self.fname}.json', json_=True)   # the schedule, for `resume=True` to check
+                for p in [*sdir.glob(f'.{self.fname}_*.pth.*tmp'), *leftovers(sdir / f'{self.fname}.json')]: p.unlink()   # left by a killed process
+                save_atomic(meta, sdir / f'{self.fname}.json', fmt='json')   # the schedule, for `resume=True` to check
         self._sdir, self._meta = sdir, meta
         self._lrn, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
         self._lr0 = lr0
@@ -251,7 +243,7 @@ class SnapshotEnsembleCallback(Callback):
         if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
         if rec['rank'] == 0:
             cpu = {n: v.detach().to('cpu', copy=True) for n, v in sd.items()}
-            if 'path' in rec: _atomic_save(cpu, rec['path'])
+            if 'path' in rec: save_atomic(cpu, rec['path'])
             else: rec['state'] = cpu
         self.snapshots.append(rec)
         if 'path' in rec and _world() > 1: dist.barrier()   # the file is written: every rank can load it
@@ -274,21 +266,13 @@ class SnapshotEnsembleCallback(Callback):
         others = any(isinstance(c, ParamScheduler) for c in self.learn.cbs)   # their hps are from this fit: keep them
         rec.hps = {**(getattr(rec, 'hps', {}) if others else {}), 'lr': self.lrs}   # `learn.recorder.plot_sched()` works
 
+    def restore(self):
+        "Put back the learning rate the optimizer had before the fit (after an error; `after_fit` does it otherwise)"
+        if self._fitting: self._restore()
+
     def _restore(self):
         self._fitting = False
         if self._lrn is not None and self._lrn.opt is not None: self._lrn.opt.set_hyper('lr', self._lr0)
-
-# %% ../nbs/04_snapshot.ipynb #c021
-def _atomic_save(obj, path:Path, json_:bool=False):
-    "`torch.save` (`json.dump` if `json_`) to a temporary file in the same folder, flushed, then renamed over `path`"
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'w' if json_ else 'wb') as f:
-            json.dump(obj, f) if json_ else torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
 
 # %% ../nbs/04_snapshot.ipynb #c023
 @patch
