@@ -6,7 +6,10 @@ Docs: https://fastboost.github.io/fastboost/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #c002
 from __future__ import annotations
-import math, numpy as np, torch
+import hashlib, math, os, numpy as np, torch
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from fastprogress.fastprogress import progress_bar
 from pathlib import Path
 import torch.nn.functional as F
 from PIL import Image
@@ -21,7 +24,8 @@ from fastcore.basics import chunked
 
 # %% auto #0
 __all__ = ['ToFloatNorm', 'PadCropFlip', 'AsImage', 'ClassIndex', 'tensor_dataset', 'TensorDL', 'tensor_dls', 'ifnone_device',
-           'digits_tensors', 'digits_dls']
+           'digits_tensors', 'digits_dls', 'DataError', 'default_cache', 'folder_tensors', 'cifar10_tensors',
+           'svhn_tensors', 'load_data']
 
 # %% ../nbs/00_data.ipynb #c005
 class ToFloatNorm(Normalize):
@@ -186,3 +190,129 @@ def digits_dls(
     xt, yt, xv, yv = digits_tensors(size, valid_pct, seed)
     if n is not None: xt, yt = xt[:n], yt[:n]
     return tensor_dls(xt, yt, xv, yv, vocab=[str(i) for i in range(10)], bs=bs, **kwargs)
+
+# %% ../nbs/00_data.ipynb #dc009
+class DataError(ValueError):
+    "Missing or malformed data: the message says what to do"
+
+def default_cache() -> Path:
+    "Where decoded datasets are cached: `$FASTBOOST_CACHE` or `~/.cache/fastboost`"
+    return Path(os.environ.get('FASTBOOST_CACHE', Path.home()/'.cache'/'fastboost'))
+
+# %% ../nbs/00_data.ipynb #dc011
+_IMG_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'}
+
+def _decode(f, size):
+    from PIL import Image
+    with Image.open(f) as im:
+        im = im.convert('RGB')
+        if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+def folder_tensors(
+    path:Path,           # a folder with one sub-folder of images per class
+    classes:list=None,   # class folder names, in label order (default: sorted sub-folders)
+    size:int=32,         # side of the decoded images
+    cache:Path=None,     # folder for the .npy cache (default: `default_cache()`)
+    threads:int=4,       # decoding threads
+):
+    "Images of a class-per-folder tree as (uint8 (N,3,size,size), int64 labels), decoded once and cached"
+    path = Path(path)
+    if classes is None: classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((path/c).iterdir()) if f.suffix.lower() in _IMG_EXTS]
+    if not files: raise DataError(f"no images found under {path}/<class>/")
+    key = hashlib.sha1('\n'.join([str(path.resolve()), str(size)] + [f'{f.relative_to(path)}' for f,_ in files]).encode())
+    cache = Path(cache or default_cache())
+    fx, fy = cache/f'{path.name}-{key.hexdigest()[:16]}-x.npy', cache/f'{path.name}-{key.hexdigest()[:16]}-y.npy'
+    if fx.exists() and fy.exists(): return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
+    with ThreadPoolExecutor(threads) as ex:
+        pb = progress_bar(ex.map(partial(_decode, size=size), [f for f,_ in files]), total=len(files))
+        pb.comment = f'decoding {path}'
+        imgs = list(pb)
+    x = np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2))
+    y = np.array([i for _,i in files], dtype=np.int64)
+    cache.mkdir(parents=True, exist_ok=True)
+    for f, a in ((fx, x), (fy, y)):   # write then rename: a concurrent reader never sees half a file
+        tmp = f.with_name(f'{f.stem}.{os.getpid()}.tmp.npy'); np.save(tmp, a); os.replace(tmp, f)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+def cifar10_tensors(
+    path:Path=None,   # the extracted CIFAR-10 folder (train/ and test/); None downloads fastai's copy
+    size:int=32,      # image side
+    cache:Path=None,  # .npy cache folder
+):
+    "CIFAR-10 in fastai's folder layout as (x_train, y_train, x_test, y_test, classes)"
+    if path is None:
+        from fastai.data.external import untar_data, URLs
+        try: path = untar_data(URLs.CIFAR)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); pass --data PATH to an "
+                             "extracted copy (train/<class>/*, test/<class>/*)") from e
+    path = Path(path)
+    if not (path/'train').is_dir() or not (path/'test').is_dir():
+        raise DataError(f"{path} is not a CIFAR-10 folder in fastai's layout: expected {path}/train/<class>/ and "
+                         f"{path}/test/<class>/ image folders")
+    classes = sorted(d.name for d in (path/'train').iterdir() if d.is_dir())
+    return (*folder_tensors(path/'train', classes, size, cache), *folder_tensors(path/'test', classes, size, cache),
+            classes)
+
+# %% ../nbs/00_data.ipynb #dc014
+def svhn_tensors(
+    path:Path=None,   # folder with torchvision's train_32x32.mat and test_32x32.mat; None downloads them into `cache`
+    cache:Path=None,  # download folder when `path` is None
+):
+    "SVHN from torchvision's .mat files as (x_train, y_train, x_test, y_test, classes); label 10 becomes digit 0"
+    from scipy.io import loadmat
+    if path is None:
+        path = Path(cache or default_cache())/'svhn'
+        try:
+            from torchvision.datasets import SVHN
+            for split in ('train', 'test'): SVHN(str(path), split=split, download=True)
+        except Exception as e:
+            raise DataError(f"could not download SVHN ({type(e).__name__}: {e}); pass --data PATH to a folder with "
+                             "train_32x32.mat and test_32x32.mat") from e
+    path, res = Path(path), []
+    for split in ('train', 'test'):
+        f = path/f'{split}_32x32.mat'
+        if not f.exists(): raise DataError(f"{f} not found: --data for svhn is a folder with train_32x32.mat and test_32x32.mat")
+        d = loadmat(f)
+        res += [torch.from_numpy(np.ascontiguousarray(d['X'].transpose(3, 2, 0, 1))),
+                torch.from_numpy(d['y'].reshape(-1).astype(np.int64) % 10)]
+    return (*res, [str(i) for i in range(10)])
+
+# %% ../nbs/00_data.ipynb #dc017
+def _resize(x, size):
+    "uint8 images to `size` x `size`, in chunks to bound memory"
+    if x.shape[-1] == size and x.shape[-2] == size: return x
+    out = [F.interpolate(c.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+           for c in x.split(4096)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8).contiguous()
+
+def _subset(x, y, n, seed, what):
+    if n is None: return x, y
+    if n > len(x): raise DataError(f"--{what} {n} is larger than the data ({len(x)} images): use at most {len(x)}")
+    if n < 1: raise DataError(f"--{what} must be at least 1")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx].contiguous(), y[idx]
+
+def load_data(
+    dataset:str='digits', # 'digits', 'cifar10' or 'svhn'
+    data:Path=None,       # dataset folder (cifar10, svhn)
+    size:int=None,        # image side (default: the dataset's native size)
+    subset:int=None,      # keep a seeded random subset of this many training images
+    test_subset:int=None, # ... and of this many test images
+    seed:int=0,           # seed of the subsets (and of the digits split)
+    cache:Path=None,      # .npy cache folder
+):
+    "(x_train, y_train, x_test, y_test, classes) as uint8 / int64 tensors"
+    if data is not None and not Path(data).exists(): raise DataError(f"--data {data} does not exist")
+    if dataset == 'digits':
+        if data is not None: raise DataError("--data is for cifar10 and svhn; digits ships with scikit-learn")
+        xt, yt, xv, yv = digits_tensors(size or 32, seed=seed); classes = [str(i) for i in range(10)]
+    elif dataset == 'cifar10': xt, yt, xv, yv, classes = cifar10_tensors(data, size or 32, cache)
+    elif dataset == 'svhn': xt, yt, xv, yv, classes = svhn_tensors(data, cache)
+    else: raise DataError(f"unknown dataset {dataset!r}: use digits, cifar10 or svhn")
+    if size: xt, xv = _resize(xt, size), _resize(xv, size)
+    xt, yt = _subset(xt, yt, subset, seed, 'subset')
+    xv, yv = _subset(xv, yv, test_subset, seed, 'test-subset')
+    return xt, yt, xv, yv, classes
