@@ -13,7 +13,8 @@ from .blocks import *
 from .boost import *
 from .freezeout import *
 from .snapshot import *
-from . import data, blocks, boost, freezeout, snapshot
+from .memory import *
+from . import data, blocks, boost, freezeout, snapshot, memory
 
 # %% ../nbs/99_all.ipynb #c004
-__all__ = [n for m in (data, blocks, boost, freezeout, snapshot) for n in m.__all__]
+__all__ = [n for m in (data, blocks, boost, freezeout, snapshot, memory) for n in m.__all__]

@@ -25,10 +25,11 @@ from .data import (tensor_dls, tensor_dataset, digits_tensors, DataError, defaul
                             folder_tensors, cifar10_tensors, svhn_tensors, load_data)   # the loaders lived here first
 from .blocks import body_blocks, pytorchcv_arch, small_stem
 from .core import save_atomic
+from .memory import PeakMemory, TensorMemory, memory_peak
 
 # %% auto #0
-__all__ = ['ARMS', 'DATASET_DEFAULTS', 'PRESETS', 'BenchError', 'get_arch', 'bench_parser', 'parse_args', 'PeakMemory',
-           'TensorMemory', 'memory_peak', 'run_job', 'time_to_acc', 'bench_table', 'bench_figures', 'run_bench', 'main']
+__all__ = ['ARMS', 'DATASET_DEFAULTS', 'PRESETS', 'BenchError', 'get_arch', 'bench_parser', 'parse_args', 'run_job',
+           'time_to_acc', 'bench_table', 'bench_figures', 'run_bench', 'main']
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
@@ -178,127 +179,6 @@ def parse_args(
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
     get_arch(args.arch)   # fail early on an unknown name
     return args
-
-# %% ../nbs/05_bench.ipynb #c024
-def _status_kb(field):
-    try:
-        for l in Path('/proc/self/status').read_text().splitlines():
-            if l.startswith(field + ':'): return int(l.split()[1])
-    except OSError: return None
-
-def _ru_maxrss_kb():
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r // 1024 if sys.platform == 'darwin' else r   # bytes on macOS, KiB on Linux
-
-class PeakMemory:
-    "Peak training memory of this process: CUDA allocator peak on GPU, peak resident set above a baseline on CPU"
-    def __init__(self, device='cpu'): # where training runs
-        self.cuda = str(device).startswith('cuda')
-    def start(self):
-        "Take the baseline (call after loading the data)"
-        if self.cuda:
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-            self.how, self.base = 'torch.cuda.max_memory_allocated', 0
-            return self
-        self.base = _status_kb('VmRSS') or _ru_maxrss_kb()
-        try:
-            Path('/proc/self/clear_refs').write_text('5')
-            self.how = 'CPU peak RSS above baseline (VmHWM, reset after data loading)'
-        except OSError: self.how = 'CPU ru_maxrss minus RSS after data loading'
-        return self
-    def peak(self) -> int:
-        "Peak bytes since `start`"
-        if self.cuda: torch.cuda.synchronize(); return torch.cuda.max_memory_allocated()
-        hwm = _status_kb('VmHWM') if self.how.startswith('CPU peak RSS') else _ru_maxrss_kb()
-        return max(0, hwm - self.base) * 1024
-
-# %% ../nbs/05_bench.ipynb #tm01
-class TensorMemory(Callback):
-    "Peak bytes of live tensors in one training iteration per epoch (CPU): what `torch.cuda.max_memory_allocated` counts on a GPU"
-    order = 90   # before_batch after every callback that changes the batch or the model (BoostResNet -9, MixedPrecision 10)
-    def __init__(self,
-        model=None, # whose parameters count as resident besides `learn.model`'s: the whole model when a callback trains a part of it
-        at:int=1,   # the iteration of each epoch to profile (the epoch's last when it has fewer)
-    ): self.model, self.at, self.peaks, self._prof = model, at, [], None
-
-    def before_fit(self):
-        self._stop(keep=False)   # a profiler left running by a fit that died
-        dev = next(self.learn.model.parameters()).device
-        if dev.type != 'cpu': raise ValueError(f"TensorMemory measures training on the CPU; the model is on {dev}: "
-                                               f"there, read torch.cuda.max_memory_allocated() instead")
-    def before_batch(self):
-        if not self.training or self.iter != min(self.at, self.n_iter - 1): return
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
-        self._prof.start()
-    def after_step(self): self._stop()
-    def after_batch(self): self._stop(keep=False)   # the step was skipped (CancelBatchException): no peak to keep
-    def after_fit(self): self._stop(keep=False)
-
-    def _stop(self, keep=True):
-        if self._prof is None: return
-        prof, self._prof = self._prof, None
-        prof.stop()
-        if keep: self.peaks.append(self._peak(prof))
-
-    def _peak(self, prof) -> int:
-        "Peak over the profiled step of the live tensors that are not parameters or gradients, plus all of those"
-        from torch.profiler._memory_profiler import MemoryProfileTimeline, Action
-        models = [self.learn.model] + ([self.model] if self.model is not None else [])
-        ts = [t for m in models for p in m.parameters() for t in (p, p.grad) if t is not None]
-        resident = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}   # touched by the step or not
-        live = peak = 0; t_last = None
-        for t, action, (key, _), nbytes in MemoryProfileTimeline(prof._memory_profile()).timeline:
-            if key.device.type != 'cpu' or getattr(getattr(key, 'storage', None), 'ptr', None) in resident: continue
-            if t != t_last: peak, t_last = max(peak, live), t   # events at one timestamp count together
-            if action in (Action.PREEXISTING, Action.CREATE): live += nbytes
-            elif action == Action.DESTROY: live -= nbytes
-        return max(peak, live) + sum(resident.values())
-
-
-# %% ../nbs/05_bench.ipynb #mh01
-def memory_peak(
-    snapshot:dict,         # from `torch.cuda.memory._snapshot()`, taken while `_record_memory_history` was on
-    top:int=12,            # how many of the largest allocations to list
-    frames:int=6,          # stack frames kept per allocation, the allocator's own left out
-    max_entries:int=None,  # the `max_entries` the history was recorded with: a trace that long has lost its start
-) -> dict:
-    "The allocator's peak of requested bytes in a CUDA memory snapshot's trace, and the largest allocations alive then"
-    from torch.cuda._memory_viz import _frames_fmt
-    traces = snapshot['device_traces']
-    dev = max(range(len(traces)), key=lambda i: len(traces[i]), default=None)
-    trace = traces[dev] if dev is not None else []
-    # the allocator counts a block as freed at `free_requested` (`free_completed` may come later, once other streams are
-    # done with it). Alive when the trace starts: freed in it before it allocates them, or alive at the end and not in it
-    seen, start = set(), {}
-    for e in trace:
-        if e['action'] == 'alloc': seen.add(e['addr'])
-        elif e['action'] in ('free_requested', 'free_completed') and e['addr'] not in seen:
-            seen.add(e['addr'])   # a `free_completed` first: requested before the trace, not counted at its start
-            if e['action'] == 'free_requested': start[e['addr']] = (e['size'], [])
-    for s in snapshot['segments']:
-        if s.get('device', dev) != dev: continue
-        for b in s['blocks']:
-            if b['state'] == 'active_allocated' and b['address'] not in seen:
-                start[b['address']] = (b.get('requested_size', b['size']), b.get('frames', []))
-    def replay(stop):
-        "Allocations alive after the first `stop` events; the highest total on the way and the event where it was reached"
-        alive, total = dict(start), sum(v[0] for v in start.values())
-        best, at = total, -1
-        for i, e in enumerate(trace[:stop]):
-            if e['action'] == 'alloc': alive[e['addr']] = (e['size'], e.get('frames', [])); total += e['size']
-            elif e['action'] == 'free_requested' and e['addr'] in alive: total -= alive.pop(e['addr'])[0]
-            if total > best: best, at = total, i
-        return best, at, alive
-    peak, at, _ = replay(len(trace))
-    alive = replay(at + 1)[2]
-    def where(fr):
-        fs = [f for f in _frames_fmt(fr) if not any(k in f for k in ('Allocator', 'malloc', 'allocate'))]
-        py = next((f for f in fs[frames:] if '.py:' in f), None)   # C++ frames come first: add the innermost Python one
-        return ' < '.join(fs[:frames] + ([f'... {py}'] if py else [])) or 'alive before the recording started'
-    big = sorted(alive.values(), key=lambda v: -v[0])[:top]
-    return dict(peak_mb=round(peak/2**20, 1), at_event=at, events=len(trace),
-                truncated=max_entries is not None and len(trace) >= max_entries,
-                top=[dict(mb=round(s/2**20, 1), where=where(fr)) for s, fr in big])
 
 # %% ../nbs/05_bench.ipynb #c027
 class _Clock(Callback):
