@@ -4,7 +4,8 @@ uses a small callback placed where fastai's `MixedPrecision` sits (order 10).
 
 oneDNN's bf16 convolution backward on CPU (torch 2.15) now and then returns NaN in a weight gradient for the same
 weights and batch that gave finite ones the step before (`set_detect_anomaly` names `ConvolutionBackward0`, output 1;
-seen in 2 of 3 runs of 400 plain PyTorch steps on the tiny model, never in 800 with oneDNN off). That is torch's, not
+plain PyTorch steps on the tiny model: a NaN in each of 3 runs on random batches, in 2 of 3 runs of 400 on the digits;
+never in 800 with oneDNN off). That is torch's, not
 ours, and it made these tests fail at random, so the bf16 tests run with oneDNN off: autocast still runs every
 convolution in bf16, through ATen's own kernel."""
 import pytest, torch
