@@ -456,7 +456,8 @@ def _errmsg(e):
     return msg if str(e) else msg + ' ' + ''.join(traceback.format_exception(e)[-3:])
 
 # settings that do not change a job's result: where it is written, which other jobs run, the memory check
-_NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'preset', 'threads'}
+# (`threads` does: the wall-clock columns of jobs run with different thread counts could not be compared)
+_NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'preset'}
 
 def _job(job, cfg, out, resume, spawn, name=None):
     "Run one job, or with `resume` take its result from `out/jobs/` when it finished earlier with the same settings"
