@@ -23,7 +23,7 @@ from fastai.vision.augment import RandTransform
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer, save_atomic
+from .core import check_alone, distributed_trainer, save_atomic, any_rank, Restores
 
 # %% auto #0
 __all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
@@ -175,7 +175,7 @@ def _is_classification(loss_func) -> bool:
            isinstance(f, (nn.CrossEntropyLoss, LabelSmoothingCrossEntropy))
 
 # %% ../nbs/02_boost.ipynb #c016
-class BoostResNetCallback(Callback):
+class BoostResNetCallback(Restores, Callback):
     "Train the body block by block (BoostResNet), each block with its own classifier, earlier blocks frozen"
     # After TrainEvalCallback (-10), which counts iterations and calls `model.train()`; before MixedPrecision (10),
     # Recorder (50) and ProgressCallback (60), so they all see the stage model, its batch and its data loader.
@@ -206,11 +206,11 @@ class BoostResNetCallback(Callback):
         if resume and not checkpoint: raise ValueError("resume=True needs the checkpoint's file name: checkpoint='boost', as in the run to resume")
         store_attr(but='loss')
         self.loss_type = loss   # `self.loss` would shadow the learner's loss
-        self.records, self._active, self.learner, self._pending = [], False, None, None
+        self.records, self.learner, self._pending = [], None, None
 
     # --- fit lifecycle -------------------------------------------------------------------------------------------
     def before_fit(self):
-        self._restore()  # a previous fit that died without after_fit
+        self.restore()  # a previous fit that died without after_fit
         if any(isinstance(cb, LRFinder) for cb in self.learn.cbs) or not hasattr(self.learn, 'opt') or self.learn.opt is None:
             self.run = False; return
         others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, ParamScheduler)]
@@ -276,22 +276,10 @@ class BoostResNetCallback(Callback):
     def after_epoch(self):
         if self._pending is not None: k, self._pending = self._pending, None; self._start_stage(k)
 
-    def after_fit(self): self._restore(ddp_shell=True)
+    def after_fit(self): self.restore(ddp_shell=True)
 
-    def restore(self):
-        "Put the learner back as it was before the fit: for a callback kept in `learn.cbs` after an error ended a fit"
-        self._restore()
-
-    def __setattr__(self, name, value):
-        # fastai sets `cb.learn = None` when it removes a callback passed to `fit`, also when fit dies on an
-        # exception (KeyboardInterrupt included): put the user's model back then too
-        if name == 'learn' and value is None and getattr(self, '_active', False): self._restore()
-        super().__setattr__(name, value)
-
-    def _restore(self, ddp_shell=False):
+    def _undo(self, ddp_shell=False):
         "Put back the user's model, optimizer, loss, requires_grad flags, train/eval modes and devices"
-        if not getattr(self, '_active', False): return
-        self._active = False
         sv, learn = self._saved, self.learner
         for p, g in sv['grads'].items(): p.requires_grad_(g)
         for m, t in sv['modes'].items(): m.training = t
@@ -403,7 +391,7 @@ class BoostResNetCallback(Callback):
 
     def after_batch(self):
         if not self.learn.training or self.learn.train_iter <= self._skip_to: return
-        if self._any_rank(~torch.isfinite(self.learn.loss.detach())): self._non_finite()
+        if any_rank(~torch.isfinite(self.learn.loss.detach())): self._non_finite()   # under DDP a NaN on one rank reaches every rank's gradients: all stop together
         y = self.learn.yb[0]
         self._loss_sum, self._nb = self._loss_sum + self.learn.loss.detach(), self._nb + 1   # summed on device: no sync per batch
         self._correct += (self.learn.pred.detach().argmax(-1) == y).sum()
@@ -413,13 +401,6 @@ class BoostResNetCallback(Callback):
             every = max(1, self.iters[self.k] // self.n_checks)
             if (done - self._start_it) % every == 0 and self._plateaued(): self._skip_rest()
         if done >= self.ends[self.k]: self._next()
-
-    def _any_rank(self, flag) -> bool:
-        "Is `flag` true on any process? Under DDP a NaN on one rank reaches every rank's gradients: all stop together"
-        if self._dt is None or num_distrib() < 2 or not torch.distributed.is_initialized(): return bool(flag)
-        t = flag.float().reshape(1).to(self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t)
 
     def _non_finite(self):
         "A NaN/inf loss: the step just made broke the training block; put it back as it was when its stage began, and stop"
@@ -544,7 +525,7 @@ class BoostResNetCallback(Callback):
     def _apply_checkpoint(self, ck):
         "Load the blocks, heads and records of a checkpoint; the first stage to train"
         if ck['iters0'] != self._iters0 or ck['loss'] != self.loss_type:
-            self._restore()
+            self.restore()
             raise ValueError(f"checkpoint {self.checkpoint_file} was saved by a fit with stages of {ck['iters0']} iterations "
                              f"and loss={ck['loss']!r}, this fit has {self._iters0} and loss={self.loss_type!r}: resume with "
                              f"the same n_epoch, data, batch size, budget and loss")
@@ -554,7 +535,7 @@ class BoostResNetCallback(Callback):
         self.iters = list(ck['iters']); self.ends = np.cumsum(self.iters).tolist()   # as shortened by a 'plateau' stop
         k = ck['k'] + 1
         if k >= len(self.blocks):
-            self._restore()
+            self.restore()
             raise CancelFitException(f"checkpoint {self.checkpoint_file}: every block is trained already; its weights are loaded")
         self._skip_to = self.ends[k-1]
         if self.do_cache:

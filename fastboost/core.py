@@ -12,7 +12,8 @@ import torch
 from fastcore.xtras import atomic_save
 
 # %% auto #0
-__all__ = ['OURS', 'is_ours', 'check_alone', 'distributed_trainer', 'save_atomic', 'leftovers']
+__all__ = ['OURS', 'is_ours', 'check_alone', 'distributed_trainer', 'world_size', 'all_ranks', 'any_rank', 'Restores',
+           'save_atomic', 'leftovers']
 
 # %% ../nbs/00_core.ipynb #k006
 OURS = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
@@ -43,6 +44,46 @@ def distributed_trainer(
 ):
     "fastai's `DistributedTrainer` among `cbs`, or None"
     return next((c for c in cbs if type(c).__name__ == 'DistributedTrainer'), None)
+
+# %% ../nbs/00_core.ipynb #k010b
+def world_size() -> int:
+    "Processes in the default process group (1 when not distributed)"
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+def _reduce(flag, op):
+    t = torch.as_tensor(flag).detach().float().reshape(1)
+    if world_size() > 1: torch.distributed.all_reduce(t, op=op)
+    return bool(t.item())
+
+def all_ranks(
+    flag,  # a boolean (or a one-element tensor, on the device the process group communicates on)
+) -> bool:
+    "Is `flag` true on every process? (one all-reduce under DDP, so every rank gets the same answer)"
+    return _reduce(flag, torch.distributed.ReduceOp.MIN)
+
+def any_rank(
+    flag,  # a boolean (or a one-element tensor, on the device the process group communicates on)
+) -> bool:
+    "Is `flag` true on any process? (one all-reduce under DDP, so every rank gets the same answer)"
+    return _reduce(flag, torch.distributed.ReduceOp.MAX)
+
+# %% ../nbs/00_core.ipynb #r101
+class Restores:
+    "Mixin for a callback that changes the learner: `restore()` undoes it once, also when fastai detaches the callback after an error"
+    _active = False   # True from the first change to the learner until `restore()`
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, v):
+        if v is None and self._active: self.restore()   # fastai's `finally` after `fit(..., cbs=cb)`, whatever ended it
+        self.__dict__['_learn'] = v
+    def restore(self, **kw):
+        "Put the learner back as it was before the fit (what `after_fit` does; for a fit that ended by an error, or a kept callback)"
+        if not self._active: return
+        self._active = False
+        self._undo(**kw)
+    def _undo(self, **kw): raise NotImplementedError
 
 # %% ../nbs/00_core.ipynb #k012
 def save_atomic(

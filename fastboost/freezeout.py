@@ -21,7 +21,7 @@ from fastai.torch_core import get_model
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer
+from .core import check_alone, distributed_trainer, all_ranks, Restores
 
 # %% auto #0
 __all__ = ['freeze_times', 'freeze_iters', 'freezeout_lr', 'stage_costs', 'predicted_saving', 'FreezeOutCallback']
@@ -159,36 +159,29 @@ def _ddp_like(ddp, dt=None):
     if h is not None: h.register_comm_hook(new)
     return new
 
-class FreezeOutCallback(Callback):
-    "FreezeOut (Brock et al. 2017): per-block cosine learning rates, each block frozen for real at its $t_i$"
+class FreezeOutCallback(Restores, Callback):
+    "FreezeOut (Brock et al. 2017): each block's learning rate annealed to zero, then the block frozen for real; at fixed times or (`t0='auto'`) once it has settled"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
-    _learn = None
     def __init__(self,
-        t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
+        t0:float=0.8,          # fraction of training at which the first block freezes (before scaling); 'auto': when it has settled
         schedule:str='cubic',  # 'linear', 'squared' or 'cubic' scaling of the freeze times
         scale_lr='auto',       # start block $i$ at lr/$t_i$ (the paper, made for SGD); 'auto': only if the optimizer is not Adam-type
         cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
         frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
         bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
+        tol:float=0.1,         # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
+        window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training)
     ):
-        _check_args(t0, schedule)
+        if t0 != 'auto': _check_args(t0, schedule)
+        _check_auto(tol, window)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
         if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
         if scale_lr not in (True, False, 'auto'): raise ValueError(f"scale_lr must be True, False or 'auto', got {scale_lr!r}")
         if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
         self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
-        self.bn_samples = bn_samples
-        self.report, self.speedup, self._active = None, {}, False
-
-    # fastai sets `cb.learn = None` in a `finally` when `fit(..., cbs=cb)` ends: after an exception (where fastai
-    # does not call `after_fit`) this is the place where we put the learner back.
-    @property
-    def learn(self): return self._learn
-    @learn.setter
-    def learn(self, v):
-        if v is None and self._active: self.restore()
-        self._learn = v
+        self.bn_samples, self.tol, self.window = bn_samples, tol, window
+        self.report, self.speedup = None, {}
 
     def before_fit(self):
         if self._active: self.restore()   # left over from an interrupted fit of a callback kept in `learn.cbs`
@@ -199,7 +192,8 @@ class FreezeOutCallback(Callback):
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "
                                    "block; train for more epochs or use a smaller batch size")
-        self.times = freeze_times(n, self.t0, self.schedule)
+        self.auto = self.t0 == 'auto'
+        self.times = [1.]*n if self.auto else freeze_times(n, self.t0, self.schedule)   # 'auto': decided during the fit
         self.iters = freeze_iters(self.times, T)
         self.base_lr = lrn.opt.hypers[-1]['lr']
         # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
@@ -212,6 +206,7 @@ class FreezeOutCallback(Callback):
         self._modes, self.n_frozen, self.k, self._times, self._costs, self._untracked = {}, 0, 0, [], None, []
         self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
         self._active = True
+        if self.auto: self._auto_start(lrn, blocks, T); return   # the learner's own optimizer and schedule: nothing to swap
         splitter = lrn.splitter
         try: lrn.splitter = block_splitter; lrn.create_opt()
         finally: lrn.splitter = splitter
@@ -230,7 +225,12 @@ class FreezeOutCallback(Callback):
     def _check_fit(self, lrn):
         "Refuse what cannot work, before anything changes"
         sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
-        if sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
+        if self.t0 == 'auto':
+            if any(getattr(c, '_skip_to', 0) for c in lrn.cbs if type(c).__name__ == 'SkipToEpoch'):   # fit(..., start_epoch=)
+                raise ValueError("FreezeOutCallback(t0='auto') cannot resume a fit (`start_epoch`): its freeze decisions "
+                                 "depend on the weights' whole history, which is not saved. Fit from the start, or resume "
+                                 "with a fixed t0 (e.g. the freeze times in `cb.report.t_freeze`)")
+        elif sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
                                  "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
         if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
             raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
@@ -262,14 +262,16 @@ class FreezeOutCallback(Callback):
             self._check_finite()   # a block is frozen only with finite weights
             while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k: self._freeze(self.n_frozen)
             if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
-        t = self.k/self.total_iters
-        lrs = [freezeout_lr(t, ti, l0) for ti,l0 in zip(self.times, self.block_lr0)]
-        lrs += [freezeout_lr(t, 1., self.base_lr)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
-        self.learn.opt.set_hyper('lr', lrs)
+        if not self.auto:   # 'auto' leaves the learning rates to the fit's schedule
+            t = self.k/self.total_iters
+            lrs = [freezeout_lr(t, ti, l0) for ti,l0 in zip(self.times, self.block_lr0)]
+            lrs += [freezeout_lr(t, 1., self.base_lr)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
+            self.learn.opt.set_hyper('lr', lrs)
         if self.timing: self._t = self._now()
 
     def after_batch(self):
         if self.timing: self._times.append(self._now() - self._t)
+        if self.auto and (self.k + 1) % self.n_window == 0: self._auto_check()
 
     def after_train(self): self._check_finite()
 
@@ -292,6 +294,7 @@ class FreezeOutCallback(Callback):
         self._frozen_mode(b)
         for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
         self.n_frozen = i+1
+        if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.k, None
 
     def _exact_bn(self, b):
         "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
@@ -331,15 +334,14 @@ class FreezeOutCallback(Callback):
 
     def _finish(self):
         if self._rewrap_s: self.speedup.update(ddp_rewraps=len(self._rewrap_s), ddp_rewrap_s=sum(self._rewrap_s))
+        if self.auto and self._costs is not None: self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
         ts = np.array(self._times)
         if not self.timing or len(ts) < self.total_iters or self.iters[0] < 2: return
         base = np.median(ts[1:self.iters[0]])   # iterations before the first freeze, the first one (warm-up) left out
         self.speedup.update(measured=1 - ts.sum()/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=ts.sum())
 
-    def restore(self):
+    def _undo(self):
         "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer (with its state), the DDP wrapper"
-        if not self._active: return
-        self._active = False
         lrn, opt = self._lrn, self._lrn.opt
         for p,rg in self._rg: p.requires_grad_(rg)
         for m in self._untracked: m.track_running_stats = True
@@ -378,18 +380,14 @@ def plot(self:FreezeOutCallback,
     figsize=(11, 3.5),  # size of the figure (two panels)
     smooth:int=None,    # iterations in the rolling median of the measured times (default: 2% of training)
 ):
-    "Each block's learning rate over training, and each iteration's measured time against the cost model's prediction"
+    "Each block's learning rate (t0='auto': its movement still ahead) over training, and each iteration's measured time against the cost model's prediction"
     if self.report is None: raise ValueError("Nothing to plot: fit with this callback first (it does nothing in `lr_find`)")
     import matplotlib.pyplot as plt
     T = self.total_iters; k = np.arange(T)
     fig, (a0, a1) = plt.subplots(1, 2, figsize=figsize)
     cols = plt.cm.viridis(np.linspace(0, 0.9, len(self.times)))
-    for i, (ti, l0, f) in enumerate(zip(self.times, self.block_lr0, self.iters)):
-        a0.plot(k, [freezeout_lr(x/T, ti, l0) for x in k], color=cols[i], lw=1,
-                label=f'block {i}' if i in (0, len(self.times)-1) else None)
-        if f < T: a0.plot(f, 0, 'o', color=cols[i], ms=4)
-    a0.plot(k, [freezeout_lr(x/T, 1., self.base_lr) for x in k], 'k--', lw=1, label='head')
-    a0.set(xlabel='iteration', ylabel='learning rate', title='learning rate per block (dot: frozen)'); a0.legend()
+    if self.auto: _plot_auto(self, a0, cols)
+    else: _plot_lrs(self, a0, cols, k)
     if self._costs is not None: a1.plot(k, _rel_cost(self._costs, self.iters, T), label=f'predicted ({self.cost})')
     if 'iter_s_unfrozen' in self.speedup:
         w = smooth or max(1, T//50)
@@ -399,3 +397,82 @@ def plot(self:FreezeOutCallback,
     if a1.lines: a1.legend()
     fig.tight_layout()
     return fig
+
+def _plot_lrs(cb, ax, cols, k):
+    T = cb.total_iters
+    for i, (ti, l0, f) in enumerate(zip(cb.times, cb.block_lr0, cb.iters)):
+        ax.plot(k, [freezeout_lr(x/T, ti, l0) for x in k], color=cols[i], lw=1,
+                label=f'block {i}' if i in (0, len(cb.times)-1) else None)
+        if f < T: ax.plot(f, 0, 'o', color=cols[i], ms=4)
+    ax.plot(k, [freezeout_lr(x/T, 1., cb.base_lr) for x in k], 'k--', lw=1, label='head')
+    ax.set(xlabel='iteration', ylabel='learning rate', title='learning rate per block (dot: frozen)'); ax.legend()
+
+def _plot_auto(cb, ax, cols):
+    ks = [k for k, _ in cb.checks]; left = np.array([l for _, l in cb.checks]).reshape(len(ks), len(cb.blocks))
+    for i in range(len(cb.blocks)):
+        ax.plot(ks, left[:, i], color=cols[i], lw=1, label=f'block {i}' if i in (0, len(cb.blocks)-1) else None)
+        if cb.anneal_iter[i] is not None: ax.plot(cb.anneal_iter[i], cb.report.left[i], 'o', color=cols[i], ms=4)
+    ax.axhline(cb.tol, color='k', ls='--', lw=1, label=f'tol={cb.tol}')
+    ax.set(xlabel='iteration', ylabel='movement ahead / total', yscale='log', title='settling per block (dot: anneal starts)')
+    if ks: ax.legend()
+
+# %% ../nbs/03_freezeout.ipynb #fa00c
+def _check_auto(tol, window):
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"tol={tol!r}: the share of a block's movement still ahead below which it freezes, in [0, 1) (0: never)")
+    if window is not None and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window={window!r}: iterations between checks, an int >= 1 (None: 2% of training)")
+
+def _flat(b): return torch.cat([p.detach().flatten() for p in b.parameters()])
+
+def _lr_ahead(lrn, T):
+    "Learning rate of parameter group 0 summed over iterations k..T-1, for each k: from the fit's `ParamScheduler`, or constant"
+    ps = next((c for c in lrn.cbs if isinstance(c, ParamScheduler) and 'lr' in c.scheds), None)
+    lr = np.array([np.ravel(ps.scheds['lr'](k/T))[0] for k in range(T)] if ps else [lrn.opt.hypers[0]['lr']]*T, dtype=float)
+    return np.append(np.cumsum(lr[::-1])[::-1], 0.)
+
+@patch
+def _auto_start(self:FreezeOutCallback, lrn, blocks, T):
+    n = len(blocks)
+    self.n_window = self.window or max(1, T//50)
+    self._ahead, self._lr_sum, self._w0 = _lr_ahead(lrn, T), 0., None
+    self._prev, self._moved, self.anneal_iter, self.checks = [_flat(b) for b in blocks], np.zeros(n), [None]*n, []
+    self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks], params=[sum(p.numel() for p in b.parameters()) for b in blocks],
+                                    anneal_iter=np.nan, left=np.nan, freeze_iter=self.iters, t_freeze=1.))
+    self.speedup = {}
+
+@patch
+def _auto_check(self:FreezeOutCallback):
+    "Every `window` iterations: each free block's movement; the next blocks start their anneal if they have settled"
+    k, n, T = self.k + 1, len(self.blocks), self.total_iters
+    j0 = next((j for j, s in enumerate(self.anneal_iter) if s is None), n)   # the first block not yet annealing
+    left = np.full(n, np.nan)
+    for j in range(j0, n):
+        w = _flat(self.blocks[j]); d = ((w - self._prev[j]).norm() / w.norm().clamp_min(1e-12)).item()
+        self._prev[j] = w; self._moved[j] += d
+        ahead = d / self._lr_sum * self._ahead[k] if self._lr_sum > 0 else 0.
+        left[j] = ahead / (ahead + self._moved[j]) if ahead + self._moved[j] > 0 else 1.
+    self._lr_sum = 0.
+    self.checks.append((k, left))
+    for j in range(j0, n):   # in order; every process takes the same decision (one all-reduce per block started, plus one)
+        if not all_ranks(torch.tensor(bool(left[j] < self.tol), device=self._prev[j].device)): break
+        self.anneal_iter[j], self.iters[j] = k, min(k + self.n_window, T)
+        self.report.loc[j, ['anneal_iter', 'left', 'freeze_iter', 't_freeze']] = k, left[j], self.iters[j], self.iters[j]/T
+
+@patch
+def before_step(self:FreezeOutCallback):
+    "t0='auto': remember the weights of the annealing blocks before the optimizer's step"
+    if not self.auto: return
+    self._lr_sum += self.opt.hypers[0]['lr']
+    js = [j for j in range(self.n_frozen, len(self.blocks)) if self.anneal_iter[j] is not None]
+    self._w0 = {j: [p.detach().clone() for p in self.blocks[j].parameters()] for j in js} or None
+
+@patch
+def after_step(self:FreezeOutCallback):
+    "t0='auto': scale each annealing block's step by its cosine factor (the same as scaling its learning rate)"
+    if not self.auto or self._w0 is None: return
+    with torch.no_grad():
+        for j, w0 in self._w0.items():
+            m = freezeout_lr((self.k - self.anneal_iter[j]) / self.n_window, 1., 1.)
+            for p, w in zip(self.blocks[j].parameters(), w0): p.lerp_(w, 1 - m)   # w + m*(p - w)
+    self._w0 = None

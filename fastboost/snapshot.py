@@ -22,7 +22,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, LRFinder, sched_cos, sched_lin
 from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import get_model, rank_distrib
-from .core import check_alone, save_atomic, leftovers
+from .core import check_alone, save_atomic, leftovers, world_size, all_ranks, Restores
 
 # %% auto #0
 __all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback']
@@ -108,16 +108,6 @@ class SnapshotEnsemble(nn.Module):
         return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log_out else p
 
 # %% ../nbs/04_snapshot.ipynb #c020
-def _world() -> int:
-    "Processes in the default process group (1 when not distributed)"
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-def _all_ranks(ok:torch.Tensor) -> bool:
-    "Is the boolean tensor `ok` true on every rank? (one all-reduce in distributed training, so all ranks agree)"
-    ok = ok.detach().float().reshape(1)
-    if _world() > 1: dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
 def _finite(sd:dict) -> torch.Tensor:
     "Are all floating-point tensors of the state dict `sd` finite? (a tensor on their device: one sync when read)"
     fl = [v.detach().isfinite().all() for v in sd.values() if v.is_floating_point()]
@@ -128,7 +118,7 @@ def _step_skipped(learn) -> bool:
     mp, sc = getattr(learn, 'mixed_precision', None), getattr(learn, 'scaler', None)
     return bool(getattr(mp, 'skipped', False)) and sc is not None and sc.is_enabled()
 
-class SnapshotEnsembleCallback(Callback):
+class SnapshotEnsembleCallback(Restores, Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
     _stateattrs = ('_lrn', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
@@ -150,16 +140,7 @@ class SnapshotEnsembleCallback(Callback):
         self.n_cycles, self.warmup, self.cycle_mult, self.reset_momentum = n_cycles, warmup, cycle_mult, reset_momentum
         self.storage, self.fname, self.resume, self.first, self.restart_lr = save, fname, resume, first, restart_lr
         self.members = None   # the cycles `select` chose (with repeats): the default of get_preds, ensemble, average_weights
-        self.snapshots, self.lrs, self._cache, self._fitting, self._lrn, self._model, self._meta = [], [], {}, False, None, None, None
-
-    # `fit` sets `cb.learn = None` in a `finally` when it removes the callback: the one hook that also runs after
-    # exceptions fastai does not catch, so we restore the learner there if `after_fit` did not run.
-    @property
-    def learn(self): return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, v):
-        if v is None and self.__dict__.get('_fitting'): self._restore()
-        self.__dict__['_learn'] = v
+        self.snapshots, self.lrs, self._cache, self._lrn, self._model, self._meta = [], [], {}, None, None, None
 
     def before_fit(self):
         learn = self.learn
@@ -180,7 +161,7 @@ class SnapshotEnsembleCallback(Callback):
         if start and not self.resume: warnings.warn(
             f"fit(start_epoch={start // n_it}) without resume=True: the snapshots of cycles ending before that epoch are not "
             "kept. Pass SnapshotEnsembleCallback(..., resume=True) to keep those the interrupted fit took")
-        # everything checked: from here on the callback changes the learner (`_restore` undoes it) and the folder
+        # everything checked: from here on the callback changes the learner (`restore` undoes it) and the folder
         if sdir is not None:
             sdir.mkdir(parents=True, exist_ok=True)   # on every rank: every rank records the paths of the files rank 0 writes
             if rank_distrib() == 0:
@@ -194,7 +175,7 @@ class SnapshotEnsembleCallback(Callback):
         self._lr0 = lr0
         self.snapshots, self._cache, self.members = kept, {}, None   # new snapshots: `select` again
         self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
-        self._fitting = True
+        self._active = True
 
     def _resumed(self, meta, mults, start, sdir) -> list:
         "Records of the snapshots the interrupted fit took before iteration `start`; raises if one is missing"
@@ -231,13 +212,13 @@ class SnapshotEnsembleCallback(Callback):
 
     def after_batch(self):
         t, loss = self._iter() + 1, self.learn.loss
-        if loss is not None and not _all_ranks(torch.isfinite(loss.detach()).all() | _step_skipped(self.learn)):
+        if loss is not None and not all_ranks(torch.isfinite(loss.detach()).all() | _step_skipped(self.learn)):
             self._stop(f"a non-finite training loss ({float(loss.detach().float().mean()):g} on rank {rank_distrib()})", t)
         if t in self._ends: self._take(self._ends.index(t) + 1, t)
 
     def _take(self, k, t):
         sd = get_model(self.learn.model).state_dict()
-        if not _all_ranks(_finite(sd)):
+        if not all_ranks(_finite(sd)):
             self._stop("non-finite weights", t)
         rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
         if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
@@ -246,7 +227,7 @@ class SnapshotEnsembleCallback(Callback):
             if 'path' in rec: save_atomic(cpu, rec['path'])
             else: rec['state'] = cpu
         self.snapshots.append(rec)
-        if 'path' in rec and _world() > 1: dist.barrier()   # the file is written: every rank can load it
+        if 'path' in rec and world_size() > 1: dist.barrier()   # the file is written: every rank can load it
 
     def _stop(self, what, t):
         "Stop the fit cleanly: no snapshot of this cycle, the earlier ones kept"
@@ -260,18 +241,14 @@ class SnapshotEnsembleCallback(Callback):
         raise CancelFitException(msg)
 
     def after_fit(self):
-        self._restore()
+        self.restore()
         rec = getattr(self.learn, 'recorder', None)
         if rec is None: return
         others = any(isinstance(c, ParamScheduler) for c in self.learn.cbs)   # their hps are from this fit: keep them
         rec.hps = {**(getattr(rec, 'hps', {}) if others else {}), 'lr': self.lrs}   # `learn.recorder.plot_sched()` works
 
-    def restore(self):
-        "Put back the learning rate the optimizer had before the fit (after an error; `after_fit` does it otherwise)"
-        if self._fitting: self._restore()
-
-    def _restore(self):
-        self._fitting = False
+    def _undo(self):
+        "Put back the learning rate the optimizer had before the fit"
         if self._lrn is not None and self._lrn.opt is not None: self._lrn.opt.set_hyper('lr', self._lr0)
 
 # %% ../nbs/04_snapshot.ipynb #c023

@@ -11,6 +11,7 @@ from accelerate import DistributedDataParallelKwargs
 from fastai.torch_core import set_seed
 from pathlib import Path
 from fastboost.snapshot import SnapshotEnsembleCallback
+from fastboost.freezeout import FreezeOutCallback
 from _tiny import tiny_learner, tensor_dls, digits_tensors, CBS
 
 N, BS, EPOCHS, LR = 64, 8, 2, 0.05   # per rank: 32 images, batches of 8 (global batch 16), 4 iterations per epoch
@@ -37,8 +38,9 @@ def no_batchnorm(model):
     return model
 
 # what each run trains: 'none' is plain fastai (the baseline), 'snapshot_disk' writes its snapshots to files,
-# 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps)
-RUNS = dict(none=lambda: None, snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
+# 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps),
+# 'freezeout_auto' decides its freezes from the weights (t0='auto'), agreed by all ranks
+RUNS = dict(none=lambda: None, freezeout_auto=lambda: FreezeOutCallback(t0='auto', tol=0.5, window=1, timing=False), snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
             snapshot_nan=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk', fname='nan'),
             boost_nan=CBS['boost'], freezeout_fup=CBS['freezeout'], **CBS)
 

@@ -11,7 +11,7 @@ import accelerate   # fastai's distributed training needs it; a dev dependency, 
 import _ddp_worker as W
 from _tiny import max_diff
 
-NAMES = ['none', 'snapshot', 'snapshot_disk', 'snapshot_nan', 'boost_nan', 'freezeout_fup', 'boost', 'freezeout']
+NAMES = ['none', 'snapshot', 'snapshot_disk', 'snapshot_nan', 'boost_nan', 'freezeout_fup', 'boost', 'freezeout', 'freezeout_auto']
 
 @pytest.fixture(scope='module')
 def ddp(tmp_path_factory):
@@ -30,7 +30,7 @@ def single(tmp_path_factory):
     n = torch.get_num_threads(); torch.set_num_threads(1)
     res = {}
     try:
-        for name in ['none', 'snapshot', 'freezeout', 'boost']:
+        for name in ['none', 'snapshot', 'freezeout', 'boost', 'freezeout_auto']:
             learn, _ = W.run(name, world=1, path=tmp_path_factory.mktemp('single'))
             res[name] = ({k: v.detach().clone() for k, v in learn.model.state_dict().items()},
                          [k for k, _ in learn.model.named_parameters()], W.init)
@@ -47,7 +47,7 @@ def _rel_gap(a, b, w0, keys):
     n = lambda x, y: sum(((x[k].float() - y[k].float())**2).sum() for k in keys).sqrt().item()
     return n(a, b) / n(b, w0)
 
-CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout']
+CASES = ['none', 'snapshot', 'snapshot_disk', 'freezeout_fup', 'boost', 'freezeout', 'freezeout_auto']
 
 @pytest.mark.parametrize('name', CASES)
 def test_ranks_identical(ddp, name):
@@ -94,7 +94,7 @@ def test_boost_nan_on_one_rank_stops_every_rank(ddp):
     assert max_diff(r0['state'], r1['state']) == 0
     assert all(torch.isfinite(v).all() for v in r0['state'].values() if v.is_floating_point())
 
-@pytest.mark.parametrize('name', ['freezeout', 'freezeout_fup'])
+@pytest.mark.parametrize('name', ['freezeout', 'freezeout_fup', 'freezeout_auto'])
 def test_freezeout_rewraps_at_each_freeze(ddp, name):
     "FreezeOut wraps the model in a new DDP at each iteration where blocks freeze (DDP registers trainable parameters only)"
     for r in _ok(ddp, name):
