@@ -6,9 +6,11 @@ Docs: https://fastboost.github.io/fastboost/bench.html.md"""
 
 # %% ../nbs/05_bench.ipynb #c002
 from __future__ import annotations
-import argparse, hashlib, json, math, os, pickle, platform, resource, sys, time, traceback, warnings
+import argparse, json, math, os, pickle, platform, sys, time, traceback, warnings
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
@@ -17,7 +19,7 @@ from fastprogress.fastprogress import progress_bar
 from fastai.callback.core import Callback
 from torch.profiler import profile, ProfilerActivity
 from fastai.callback.schedule import ParamScheduler, SchedCos
-from fastai.learner import Recorder
+from fastai.learner import Learner, Recorder
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
@@ -86,6 +88,12 @@ def _arms(s):
     if bad: raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad)}: choose from {', '.join(ARMS)}")
     return arms
 
+def _t0(s):
+    "Parse '--t0 0.8' or '--t0 auto'"
+    if s == 'auto': return s
+    try: return float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r}: a fraction of training in (0, 1], or auto")
+
 def bench_parser() -> argparse.ArgumentParser:
     "The `fastboost-bench` command line"
     p = argparse.ArgumentParser(prog='fastboost-bench', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -107,7 +115,8 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--snap-first', type=float, help="snapshots: the first cycle's share of the budget (FGE/SWA-style; default: equal cycles, the paper)")
     a('--snap-restart-lr', type=float, default=1., help="snapshots: peak of the later cycles as a fraction of --lr (the paper: 1)")
     a('--snap-warmup', type=float, default=0., help="snapshots: linear warm-up before the first cycle, as a fraction of the budget")
-    a('--t0', type=float, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper)")
+    a('--t0', type=_t0, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper), or 'auto': each block when it has settled (under fit_one_cycle)")
+    a('--tol', type=float, help="FreezeOut with --t0 auto: the share of a block's movement still ahead below which it freezes (default: FreezeOutCallback's)")
     a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
     a('--scale-lr', action=argparse.BooleanOptionalAction, default='auto', help="FreezeOut: start block i at lr/t_i, as in the paper (default: auto, unless the optimizer is Adam-type)")
     a('--frozen-bn', choices=['batch', 'eval'], default='batch', help="FreezeOut: a frozen block's BatchNorm uses batch statistics (batch) or its running statistics (eval, the paper)")
@@ -175,7 +184,7 @@ def parse_args(
     if args.memory_cap is not None and (not args.memory_cap > 0 or not args.device.startswith('cuda')):
         raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
-    if not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
+    if args.t0 != 'auto' and not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
     get_arch(args.arch)   # fail early on an unknown name
     return args
@@ -249,6 +258,74 @@ def _save_plot(cb, path, extra, key):
     try: fig = cb.plot(); fig.savefig(path, dpi=120, bbox_inches='tight'); plt.close(fig)
     except Exception as e: extra[key] = f'{type(e).__name__}: {e}'
 
+# %% ../nbs/05_bench.ipynb #c028b
+@dataclass
+class _Job:
+    "What an arm works with"
+    learn: Learner; cfg: dict; arms: list; row: Callable; extra: dict; out: Path; train_dl: object
+
+def _arm_e2e(j:_Job):
+    "End to end: the literature's SGD + cosine (`fit` + `SchedCos`) or fastai's `fit_one_cycle`"
+    lr, epochs = j.cfg['lr'], j.cfg['epochs']
+    if j.cfg['e2e_sched'] == 'one_cycle': j.learn.fit_one_cycle(epochs, lr)
+    else: j.learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
+    p, t = j.learn.get_preds(act=partial(F.softmax, dim=-1))[:2]   # calibration, beside the snapshot ensemble's
+    j.extra['e2e_calibration'] = dict(nll=_nll(p, t), ece=_import_cb('e2e', 'snapshot', 'calibration_error')(p, t))
+    j.row('e2e')
+
+def _arm_boost(j:_Job):
+    "BoostResNet's block-wise phase (AdamW, the study's), then for boost+e2e fine-tuning with `fit_one_cycle`"
+    c, learn = j.cfg, j.learn
+    Boost = _import_cb(j.arms[0], 'boost', 'BoostResNetCallback')
+    n_blocks = len(body_blocks(learn.model))
+    learn.opt_func, learn.opt = _opt_func('adam'), None
+    cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[c['block_cache']], bn_samples=c['bn_samples'],
+               head=_import_cb(j.arms[0], 'boost', 'conv_head' if c['block_head'] == 'conv' else 'aux_head'))
+    learn.fit(n_blocks * c['block_epochs'], c['block_lr'], cbs=cb)
+    j.extra.update(boost_blocks=_records(cb.report), n_blocks=n_blocks)
+    _save_plot(cb, j.out/'boost_depth.png', j.extra, 'boost_plot_error')
+    if 'boost' in j.arms: j.row('boost')
+    if 'boost+e2e' in j.arms:
+        learn.opt_func, learn.opt = _opt_func(c['opt']), None
+        learn.fit_one_cycle(c['ft_epochs'], c['ft_lr'])
+        j.row('boost+e2e')
+
+def _arm_freezeout(j:_Job):
+    "FreezeOut over the e2e budget: the paper's fixed schedule under `fit`, or `t0='auto'` under `fit_one_cycle`"
+    c = j.cfg
+    cb = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')(t0=c['t0'], schedule=c['schedule'], scale_lr=c['scale_lr'],
+            frozen_bn=c['frozen_bn'], bn_samples=c['bn_samples'], **({} if c['tol'] is None else dict(tol=c['tol'])))
+    if c['t0'] == 'auto': j.learn.fit_one_cycle(c['epochs'], c['lr'], cbs=cb)
+    else: j.learn.fit(c['epochs'], c['lr'], cbs=cb)
+    j.extra['freezeout'] = _records(cb.report)
+    j.extra['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scaled, frozen_bn=cb.frozen_bn,
+                                       **({'tol': cb.tol} if cb.t0 == 'auto' else {}))
+    j.extra['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
+    _save_plot(cb, j.out/'freezeout.png', j.extra, 'freezeout_plot_error')
+    j.row('freezeout')
+
+def _arm_snapshot(j:_Job):
+    "Snapshot ensembles: the last snapshot, the ensemble of all, and their weight average (SWA) as three rows"
+    c, learn, n = j.cfg, j.learn, j.cfg['cycles']
+    cb = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')(n_cycles=n, first=c['snap_first'],
+            restart_lr=c['snap_restart_lr'], warmup=float(c['snap_warmup'] or 0.))
+    learn.fit(c['epochs'], c['lr'], cbs=cb)
+    ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, n+1)]
+    j.extra.update(snapshot_ensemble=ens, snapshot=_records(cb.report))
+    j.row('snapshot', _acc(*cb.get_preds(dl=j.train_dl, last=1)), ens[0][1])
+    if n > 1:
+        j.row(f"snapshot-ens{n}", _acc(*cb.get_preds(dl=j.train_dl, last=n)), ens[-1][1])
+        with warnings.catch_warnings():   # the weight average of the same members, BatchNorm refreshed: 1x inference
+            warnings.simplefilter('ignore'); swa = cb.average_weights(last=n)
+        trained, learn.model = learn.model, swa
+        try: j.row('snapshot-swa')
+        finally: learn.model = trained
+    cal = _import_cb('snapshot', 'snapshot', 'calibration_error')
+    j.extra['snapshot_calibration'] = {f'ens{m}': dict(nll=_nll(p, t), ece=cal(p, t)) for m in (1, n) for p, t in [cb.get_preds(dl=None, last=m)]}
+
+_ARM_FNS = {'e2e': _arm_e2e, 'boost': _arm_boost, 'boost+e2e': _arm_boost, 'freezeout': _arm_freezeout, 'snapshot': _arm_snapshot}
+
+# %% ../nbs/05_bench.ipynb #c028c
 def run_job(
     arms:list,  # arms trained in this process: one arm, or ['boost', 'boost+e2e'] which share the block-wise phase
     cfg:dict,   # `vars(args)` of `parse_args`
@@ -271,16 +348,16 @@ def run_job(
         set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
         dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
         learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
-        if cfg.get('stem') == 'small': small_stem(learn.model)
+        if cfg['stem'] == 'small': small_stem(learn.model)
         if dev.startswith('cuda'):   # the GPU fast path; channels-last on CUDA only (on CPU it doubles backward time)
             torch.backends.cudnn.benchmark = True
             learn.model.to(memory_format=torch.channels_last)
         if cfg['fp16']: learn.to_fp16()
-        elif cfg.get('bf16') and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
+        elif cfg['bf16'] and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
         ev = _train_eval_idx(len(xt), cfg['seed'])
         train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
         clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
-        tm = TensorMemory(learn.model) if cfg.get('tensor_memory') else None
+        tm = TensorMemory(learn.model) if cfg['tensor_memory'] else None
         if tm: learn.add_cb(tm)
         t_all = time.perf_counter()
         def row(arm, train_acc=None, test_acc=None):
@@ -291,58 +368,8 @@ def run_job(
             if tm and tm.peaks:   # the arm's peak so far, and per epoch (per block for boost)
                 res['rows'][-1].update(tensor_mb=round(max(tm.peaks)/2**20, 1), tensor_mb_epochs=[round(p/2**20, 1) for p in tm.peaks])
             if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
-        lr, epochs = cfg['lr'], cfg['epochs']
-        if arms == ['e2e']:
-            if cfg.get('e2e_sched') == 'one_cycle': learn.fit_one_cycle(epochs, lr)
-            else: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': SchedCos(lr, 0.)}))
-            p, t = learn.get_preds(act=partial(F.softmax, dim=-1))[:2]   # calibration, beside the snapshot ensemble's
-            res['extra']['e2e_calibration'] = dict(nll=_nll(p, t), ece=_import_cb('e2e', 'snapshot', 'calibration_error')(p, t))
-            row('e2e')
-        elif arms[0].startswith('boost'):
-            Boost = _import_cb(arms[0], 'boost', 'BoostResNetCallback')
-            n_blocks = len(body_blocks(learn.model))
-            learn.opt_func, learn.opt = _opt_func('adam'), None   # the study: AdamW defaults for the blocks
-            cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[cfg.get('block_cache', 'auto')], bn_samples=cfg.get('bn_samples', 2048),
-                       head=_import_cb(arms[0], 'boost', 'conv_head' if cfg.get('block_head') == 'conv' else 'aux_head'))
-            learn.fit(n_blocks * cfg['block_epochs'], cfg['block_lr'], cbs=cb)
-            res['extra']['boost_blocks'] = _records(cb.report)
-            res['extra']['n_blocks'] = n_blocks
-            _save_plot(cb, out/'boost_depth.png', res['extra'], 'boost_plot_error')
-            if 'boost' in arms: row('boost')
-            if 'boost+e2e' in arms:
-                learn.opt_func, learn.opt = _opt_func(cfg['opt']), None
-                learn.fit_one_cycle(cfg['ft_epochs'], cfg['ft_lr'])
-                row('boost+e2e')
-        elif arms == ['freezeout']:
-            FreezeOut = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
-            cb = FreezeOut(t0=cfg.get('t0', 0.8), schedule=cfg.get('schedule', 'cubic'), scale_lr=cfg.get('scale_lr', 'auto'),
-                            frozen_bn=cfg.get('frozen_bn', 'batch'), bn_samples=cfg.get('bn_samples', 2048))
-            learn.fit(epochs, lr, cbs=cb)
-            res['extra']['freezeout'] = _records(cb.report)
-            res['extra']['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scaled, frozen_bn=cb.frozen_bn)
-            res['extra']['freezeout_speedup'] = {k: float(v) for k, v in cb.speedup.items()}   # predicted vs measured saving
-            _save_plot(cb, out/'freezeout.png', res['extra'], 'freezeout_plot_error')
-            row('freezeout')
-        elif arms == ['snapshot']:
-            Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
-            cb = Snap(n_cycles=cfg['cycles'], first=cfg.get('snap_first'), restart_lr=cfg.get('snap_restart_lr', 1.),
-                      warmup=float(cfg.get('snap_warmup') or 0.))
-            learn.fit(epochs, lr, cbs=cb)
-            ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, cfg['cycles']+1)]
-            res['extra']['snapshot_ensemble'] = ens
-            res['extra']['snapshot'] = _records(cb.report)
-            row('snapshot', _acc(*cb.get_preds(dl=train_dl, last=1)), ens[0][1])
-            if cfg['cycles'] > 1:
-                row(f"snapshot-ens{cfg['cycles']}", _acc(*cb.get_preds(dl=train_dl, last=cfg['cycles'])), ens[-1][1])
-                with warnings.catch_warnings():   # the weight average of the same members, BatchNorm refreshed: 1x inference
-                    warnings.simplefilter('ignore'); swa = cb.average_weights(last=cfg['cycles'])
-                trained, learn.model = learn.model, swa
-                try: row('snapshot-swa')
-                finally: learn.model = trained
-            cal = _import_cb('snapshot', 'snapshot', 'calibration_error')
-            res['extra']['snapshot_calibration'] = {f'ens{m}': dict(nll=_nll(p, t), ece=cal(p, t)) for m in (1, cfg['cycles'])
-                                                    for p, t in [cb.get_preds(dl=None, last=m)]}
-        else: raise BenchError(f"unknown arm(s) {arms}")
+        if arms[0] not in _ARM_FNS: raise BenchError(f"unknown arm(s) {arms}")
+        _ARM_FNS[arms[0]](_Job(learn, cfg, arms, row, res['extra'], out, train_dl))
     finally:   # also when the job failed (out of memory under --memory-cap): the trace shows where
         if cap: torch.cuda.set_per_process_memory_fraction(1., dev)
         if hist:   # the allocator's trace of the whole job: where its peak was, and the pickle for pytorch.org/memory_viz
@@ -514,7 +541,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch} ({args.stem} stem), "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0:g} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     res = dict(config=cfg, rows=[], curves={}, extra={}, errors={}, memory=None,

@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import contextlib, itertools, math, os, time, warnings
+import contextlib, itertools, math, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from fastai.vision.augment import RandTransform
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer, save_atomic, any_rank, Restores
+from .core import check_alone, distributed_trainer, save_atomic, any_rank, Restores, stop_fit
 
 # %% auto #0
 __all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
@@ -409,8 +409,7 @@ class BoostResNetCallback(Restores, Callback):
         msg = (f"BoostResNetCallback: non-finite loss{' on at least one process' if num_distrib() > 1 else ''} at iteration {self.learn.train_iter} "
                f"in block {self.k}: stopped; blocks 0-{self.k-1} are kept as trained, block {self.k} as it was before its "
                f"stage. Lower the learning rate, or add gradient clipping (fastai's GradientClip), and run again.")
-        warnings.warn(msg)
-        raise CancelFitException(msg)
+        stop_fit(msg)
 
     def _plateaued(self):
         vloss = self._evaluate(max_batches=8)[0]

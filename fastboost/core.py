@@ -6,14 +6,15 @@ Docs: https://fastboost.github.io/fastboost/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #k002
 from __future__ import annotations
-import json
+import json, warnings
 from pathlib import Path
 import torch
 from fastcore.xtras import atomic_save
+from fastai.callback.core import CancelFitException
 
 # %% auto #0
 __all__ = ['OURS', 'is_ours', 'check_alone', 'distributed_trainer', 'world_size', 'all_ranks', 'any_rank', 'Restores',
-           'save_atomic', 'leftovers']
+           'nonfinite', 'stop_fit', 'save_atomic', 'leftovers']
 
 # %% ../nbs/00_core.ipynb #k006
 OURS = ('BoostResNetCallback', 'FreezeOutCallback', 'SnapshotEnsembleCallback')
@@ -53,17 +54,19 @@ def world_size() -> int:
 
 def _reduce(flag, op):
     t = torch.as_tensor(flag).detach().float().reshape(1)
-    if world_size() > 1: torch.distributed.all_reduce(t, op=op)
+    if world_size() > 1:
+        if torch.distributed.get_backend() == 'nccl' and not t.is_cuda: t = t.cuda()   # NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(t, op=op)
     return bool(t.item())
 
 def all_ranks(
-    flag,  # a boolean (or a one-element tensor, on the device the process group communicates on)
+    flag,  # a boolean, or a one-element tensor
 ) -> bool:
     "Is `flag` true on every process? (one all-reduce under DDP, so every rank gets the same answer)"
     return _reduce(flag, torch.distributed.ReduceOp.MIN)
 
 def any_rank(
-    flag,  # a boolean (or a one-element tensor, on the device the process group communicates on)
+    flag,  # a boolean, or a one-element tensor
 ) -> bool:
     "Is `flag` true on any process? (one all-reduce under DDP, so every rank gets the same answer)"
     return _reduce(flag, torch.distributed.ReduceOp.MAX)
@@ -84,6 +87,23 @@ class Restores:
         self._active = False
         self._undo(**kw)
     def _undo(self, **kw): raise NotImplementedError
+
+# %% ../nbs/00_core.ipynb #n101
+def nonfinite(
+    named,  # (name, tensor) pairs, e.g. `model.named_parameters()` or `state_dict().items()`
+) -> str|None:
+    "Name of the first floating-point tensor holding a NaN or infinity, or None (one device sync)"
+    named = [(n, t) for n, t in named if t.is_floating_point()]
+    if not named: return None
+    ok = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    return None if ok.all() else named[int((~ok).nonzero()[0, 0])][0]
+
+def stop_fit(
+    msg:str,  # what happened, what is kept, what to do
+):
+    "Warn with `msg`, then end the fit cleanly (`CancelFitException`: fastai runs `after_fit`, which restores the learner)"
+    warnings.warn(msg)
+    raise CancelFitException(msg)
 
 # %% ../nbs/00_core.ipynb #k012
 def save_atomic(

@@ -7,7 +7,7 @@ Docs: https://fastboost.github.io/fastboost/freezeout.html.md"""
 
 # %% ../nbs/03_freezeout.ipynb #c002
 from __future__ import annotations
-import itertools, math, time, warnings
+import itertools, math, time
 import numpy as np, pandas as pd, torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -18,10 +18,10 @@ from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import get_model
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer, all_ranks, Restores
+from .core import check_alone, distributed_trainer, all_ranks, Restores, nonfinite, stop_fit
 
 # %% auto #0
 __all__ = ['freeze_times', 'freeze_iters', 'freezeout_lr', 'stage_costs', 'predicted_saving', 'FreezeOutCallback']
@@ -170,7 +170,7 @@ class FreezeOutCallback(Restores, Callback):
         timing:bool=True,      # time each training iteration to measure the speed-up
         frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
         bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
-        tol:float=0.1,         # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
+        tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
         window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training)
     ):
         if t0 != 'auto': _check_args(t0, schedule)
@@ -197,7 +197,7 @@ class FreezeOutCallback(Restores, Callback):
         self.iters = freeze_iters(self.times, T)
         self.base_lr = lrn.opt.hypers[-1]['lr']
         # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
-        self.scaled = 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
+        self.scaled = None if self.auto else 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
         self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
         hypers = dict(lrn.opt.hypers[-1])
         # everything checked: from here on we change the learner, and `restore` undoes it
@@ -312,16 +312,12 @@ class FreezeOutCallback(Restores, Callback):
 
     def _check_finite(self):
         "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
-        m = get_model(self.learn.model)
-        ts = [(n, t) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()]
-        ok = torch.stack([torch.isfinite(t).all() for _, t in ts]).cpu()
-        if ok.all(): self._checked = self.k; return
-        msg = (f"FreezeOutCallback: {ts[int((~ok).nonzero()[0, 0])][0]} is NaN or infinite at iteration {self.k} (the loss "
+        bad = nonfinite(get_model(self.learn.model).state_dict().items())
+        if bad is None: self._checked = self.k; return
+        stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.k} (the loss "
                f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
                f"frozen so far are intact; the others and the head are not: load a checkpoint (`SaveModelCallback`) and "
                f"lower the learning rate or clip gradients (`GradientClip`). `TerminateOnNaNCallback` stops at the NaN batch.")
-        warnings.warn(msg)
-        raise CancelFitException(msg)
 
     def _cost_model(self):
         x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
@@ -359,7 +355,7 @@ class FreezeOutCallback(Restores, Callback):
 def fit_freezeout(self:Learner,
     n_epoch:int,           # number of epochs
     lr:float=None,         # base learning rate (default `learn.lr`)
-    t0:float=0.8,          # fraction of training at which the first block freezes (before scaling)
+    t0:float=0.8,          # fraction of training at which the first block freezes (before scaling); 'auto': each block when it has settled
     schedule:str='cubic',  # 'linear', 'squared' or 'cubic'
     scale_lr='auto',       # start block $i$ at lr/$t_i$ (True), or not (False); 'auto': only if the optimizer is not Adam-type
     cost:str='flops',      # cost model for the predicted speed-up: 'flops' or 'time'
@@ -369,9 +365,10 @@ def fit_freezeout(self:Learner,
     frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics)
     bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm statistics on (0: keep them)
 ) -> FreezeOutCallback:
-    "Fit with FreezeOut; returns the callback, whose `report` and `speedup` describe the run"
+    "Fit with FreezeOut (`t0='auto'`: under `fit_one_cycle`); returns the callback, whose `report` and `speedup` describe the run"
     cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples)
-    self.fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
+    fit = self.fit_one_cycle if t0 == 'auto' else self.fit   # 'auto' leaves the learning rates to fastai's default schedule
+    fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
 
 # %% ../nbs/03_freezeout.ipynb #fop0c
@@ -455,7 +452,7 @@ def _auto_check(self:FreezeOutCallback):
     self._lr_sum = 0.
     self.checks.append((k, left))
     for j in range(j0, n):   # in order; every process takes the same decision (one all-reduce per block started, plus one)
-        if not all_ranks(torch.tensor(bool(left[j] < self.tol), device=self._prev[j].device)): break
+        if not all_ranks(bool(left[j] < self.tol)): break
         self.anneal_iter[j], self.iters[j] = k, min(k + self.n_window, T)
         self.report.loc[j, ['anneal_iter', 'left', 'freeze_iter', 't_freeze']] = k, left[j], self.iters[j], self.iters[j]/T
 

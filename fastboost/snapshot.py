@@ -18,11 +18,11 @@ from functools import partial
 from fastcore.basics import patch, getcallable, noop
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder, sched_cos, sched_lin
 from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import get_model, rank_distrib
-from .core import check_alone, save_atomic, leftovers, world_size, all_ranks, Restores
+from .core import check_alone, save_atomic, leftovers, world_size, all_ranks, Restores, nonfinite, stop_fit
 
 # %% auto #0
 __all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback']
@@ -108,11 +108,6 @@ class SnapshotEnsemble(nn.Module):
         return p.clamp_min(torch.finfo(p.dtype).tiny).log() if self.log_out else p
 
 # %% ../nbs/04_snapshot.ipynb #c020
-def _finite(sd:dict) -> torch.Tensor:
-    "Are all floating-point tensors of the state dict `sd` finite? (a tensor on their device: one sync when read)"
-    fl = [v.detach().isfinite().all() for v in sd.values() if v.is_floating_point()]
-    return torch.stack(fl).all() if fl else torch.tensor(True)
-
 def _step_skipped(learn) -> bool:
     "Did fastai's fp16 `GradScaler` skip this batch's step (inf/NaN gradients)? Then the weights did not change"
     mp, sc = getattr(learn, 'mixed_precision', None), getattr(learn, 'scaler', None)
@@ -218,7 +213,7 @@ class SnapshotEnsembleCallback(Restores, Callback):
 
     def _take(self, k, t):
         sd = get_model(self.learn.model).state_dict()
-        if not all_ranks(_finite(sd)):
+        if not all_ranks(nonfinite(sd.items()) is None):
             self._stop("non-finite weights", t)
         rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
         if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
@@ -237,8 +232,7 @@ class SnapshotEnsembleCallback(Restores, Callback):
                + (f"taken; snapshots {have} are kept and predict. " if have else "taken (and none before it). ")
                + "learn.model's weights may be non-finite now (`learn.model.load_state_dict(cb.load_snapshot(k))` puts a "
                "snapshot back). Train again with a lower learning rate, or gradient clipping (fastai's GradientClip).")
-        warnings.warn(msg)
-        raise CancelFitException(msg)
+        stop_fit(msg)
 
     def after_fit(self):
         self.restore()
