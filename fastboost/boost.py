@@ -291,275 +291,302 @@ class BoostResNetCallback(Restores, Callback):
         if getattr(learn, 'dl', None) in (getattr(self, '_train_idx', None), getattr(self, '_valid_idx', None)): learn.dl = None
         self._feats = None
 
-    # --- stages ----------------------------------------------------------------------------------------------------
-    def _start_stage(self, k):
-        learn, self.k = self.learner, k
-        block, head = self.blocks[k], self.heads[k]
-        prev = self.heads[k-1] if (self.loss_type == 'boost' and k > 0) else None
-        self.stage = _Stage(self.blocks[:k], block, head, prev, self.alpha_prev)
-        self.stage.train(getattr(learn, 'training', True))   # frozen prefix to eval now, not at the next epoch
-        for p in [*self.user_model.parameters(), *(q for h in self.heads for q in h.parameters())]:
-            p.requires_grad_(False); p.grad = None   # a frozen block's gradient is dead memory (and a previous fit's, too)
-        for p in params(block) + params(head): p.requires_grad_(True)
-        if self.do_cache:
-            self.stage.from_features = True
-            if k > 0: self._advance_cache(k)
-        if self.offload and self.device.type != 'cpu':
-            for p in self.user_model.parameters(): p.data = p.data.cpu()
-            for h in self.heads: h.cpu()
-            for m in (block, head) + ((prev,) if prev is not None else ()): m.to(self.device)
-        learn.model = self.stage if (self._dt is None or self._in_before_fit) else self._ddp(self.stage)
-        self._stage_start = {k: v.detach().to('cpu', copy=True) for k, v in self.stage.block.state_dict().items()}, \
-                            {k: v.detach().to('cpu', copy=True) for k, v in self.stage.head.state_dict().items()}
-        # the paper's objective for module t+1: the costs of s_t cancel in the telescoping sum (see "The boosting loss")
-        learn.loss_func = boost_loss if self.loss_type == 'boost' else self._saved['loss_func']
-        learn.opt = _create_opt(learn, block, head)
-        learn.opt.set_hypers(**self._hypers, lr=self.lr_max)
-        if self.sched == 'one_cycle': self._lr = combined_cos(self.pct_start, self.lr_max/25, self.lr_max, self.lr_max/1e5)
-        elif self.sched == 'cos': self._lr = combined_cos(0., self.lr_max, self.lr_max, self.lr_max/1e5)
-        else: self._lr = lambda pos: self.lr_max
-        self._start_it = self.ends[k] - self.iters[k]
-        self._t0, self._loss_sum, self._correct, self._seen, self._nb = time.perf_counter(), 0., 0, 0, 0
-        self._best, self._bad = math.inf, 0
-        if self.device.type == 'cuda': torch.cuda.reset_peak_memory_stats(self.device)
-        pb = getattr(learn, 'progress', None)
-        if pb is not None and getattr(pb, 'mbar', None) is not None:
-            pb.mbar.main_bar.comment = f'block {k+1}/{len(self.blocks)}'
 
-    def _ddp(self, m):
-        "`m` prepared for distributed training the way `DistributedTrainer.before_fit` prepares a model"
-        dt = self._dt
-        return dt.accelerator.prepare(nn.SyncBatchNorm.convert_sync_batchnorm(m) if dt.sync_bn else m)
+# %% ../nbs/02_boost.ipynb #c016st
+@patch
+def _start_stage(self:BoostResNetCallback, k):
+    learn, self.k = self.learner, k
+    block, head = self.blocks[k], self.heads[k]
+    prev = self.heads[k-1] if (self.loss_type == 'boost' and k > 0) else None
+    self.stage = _Stage(self.blocks[:k], block, head, prev, self.alpha_prev)
+    self.stage.train(getattr(learn, 'training', True))   # frozen prefix to eval now, not at the next epoch
+    for p in [*self.user_model.parameters(), *(q for h in self.heads for q in h.parameters())]:
+        p.requires_grad_(False); p.grad = None   # a frozen block's gradient is dead memory (and a previous fit's, too)
+    for p in params(block) + params(head): p.requires_grad_(True)
+    if self.do_cache:
+        self.stage.from_features = True
+        if k > 0: self._advance_cache(k)
+    if self.offload and self.device.type != 'cpu':
+        for p in self.user_model.parameters(): p.data = p.data.cpu()
+        for h in self.heads: h.cpu()
+        for m in (block, head) + ((prev,) if prev is not None else ()): m.to(self.device)
+    learn.model = self.stage if (self._dt is None or self._in_before_fit) else self._ddp(self.stage)
+    self._stage_start = {k: v.detach().to('cpu', copy=True) for k, v in self.stage.block.state_dict().items()}, \
+                        {k: v.detach().to('cpu', copy=True) for k, v in self.stage.head.state_dict().items()}
+    # the paper's objective for module t+1: the costs of s_t cancel in the telescoping sum (see "The boosting loss")
+    learn.loss_func = boost_loss if self.loss_type == 'boost' else self._saved['loss_func']
+    learn.opt = _create_opt(learn, block, head)
+    learn.opt.set_hypers(**self._hypers, lr=self.lr_max)
+    if self.sched == 'one_cycle': self._lr = combined_cos(self.pct_start, self.lr_max/25, self.lr_max, self.lr_max/1e5)
+    elif self.sched == 'cos': self._lr = combined_cos(0., self.lr_max, self.lr_max, self.lr_max/1e5)
+    else: self._lr = lambda pos: self.lr_max
+    self._start_it = self.ends[k] - self.iters[k]
+    self._t0, self._loss_sum, self._correct, self._seen, self._nb = time.perf_counter(), 0., 0, 0, 0
+    self._best, self._bad = math.inf, 0
+    if self.device.type == 'cuda': torch.cuda.reset_peak_memory_stats(self.device)
+    pb = getattr(learn, 'progress', None)
+    if pb is not None and getattr(pb, 'mbar', None) is not None:
+        pb.mbar.main_bar.comment = f'block {k+1}/{len(self.blocks)}'
 
-    def _end_stage(self):
-        learn, k = self.learner, self.k
-        if self.bn_samples: self._exact_bn()   # before its classifier is evaluated and the block joins the frozen prefix
-        vloss, vacc, num, den = self._evaluate()
-        rec = dict(block=k, type=type(self.blocks[k]).__name__, params=sum(p.numel() for p in params(self.blocks[k])),
-                   iters=self.iters[k], seconds=time.perf_counter()-self._t0,
-                   train_loss=float(self._loss_sum)/max(self._nb, 1), train_acc=int(self._correct)/max(self._seen, 1), valid_loss=vloss, valid_acc=vacc,
-                   valid_edge=float(num/den) if den > 0 else float('nan'))
-        if self.loss_type == 'boost':
-            # the paper's edge, alpha and gamma are about the training sample: one eval-mode pass over the training set
-            num, den = self._evaluate(self._train_batches())[2:]
-            rec['edge'] = edge = float(num/den) if den > 0 else float('nan')
-            rec['gamma'] = boost_gamma(self.edge_prev, edge)
-            rec['alpha'] = self.alpha_prev = boost_alpha(edge)
-            self.edge_prev = edge
-        rec['peak_mem_mb'] = torch.cuda.max_memory_allocated(self.device)/2**20 if self.device.type == 'cuda' else float('nan')
-        self.records.append(rec)
-        if self.checkpoint: self._save_checkpoint()
+@patch
+def _ddp(self:BoostResNetCallback, m):
+    "`m` prepared for distributed training the way `DistributedTrainer.before_fit` prepares a model"
+    dt = self._dt
+    return dt.accelerator.prepare(nn.SyncBatchNorm.convert_sync_batchnorm(m) if dt.sync_bn else m)
 
-    def _evaluate(self, batches=None, max_batches=None):
-        "Loss, accuracy and edge numerator/denominator of the current stage on `batches` (default: the validation set)"
-        st, learn = self.stage, self.learner
-        was = st.training; st.eval()
-        tot, correct, n, num, den, nb = 0., 0, 0, 0., 0., 0
-        with torch.no_grad():
-            for i, (x, y) in enumerate(self._valid_batches() if batches is None else batches):
-                if max_batches is not None and i >= max_batches: break
-                out = st(x)
-                tot += float(learn.loss_func(out, y)) * len(y); n += len(y)
-                correct += int((out.argmax(-1) == y).sum())
-                a, b = boost_edge(out.float().softmax(-1), y, st.s if self.loss_type == 'boost' else None)
-                num, den = num + float(a), den + float(b)
-        st.train(was)
-        return (tot/n, correct/n, num, den) if n else (float('nan'), float('nan'), num, den)   # n=0: no validation set
+@patch
+def _end_stage(self:BoostResNetCallback):
+    learn, k = self.learner, self.k
+    if self.bn_samples: self._exact_bn()   # before its classifier is evaluated and the block joins the frozen prefix
+    vloss, vacc, num, den = self._evaluate()
+    rec = dict(block=k, type=type(self.blocks[k]).__name__, params=sum(p.numel() for p in params(self.blocks[k])),
+               iters=self.iters[k], seconds=time.perf_counter()-self._t0,
+               train_loss=float(self._loss_sum)/max(self._nb, 1), train_acc=int(self._correct)/max(self._seen, 1), valid_loss=vloss, valid_acc=vacc,
+               valid_edge=float(num/den) if den > 0 else float('nan'))
+    if self.loss_type == 'boost':
+        # the paper's edge, alpha and gamma are about the training sample: one eval-mode pass over the training set
+        num, den = self._evaluate(self._train_batches())[2:]
+        rec['edge'] = edge = float(num/den) if den > 0 else float('nan')
+        rec['gamma'] = boost_gamma(self.edge_prev, edge)
+        rec['alpha'] = self.alpha_prev = boost_alpha(edge)
+        self.edge_prev = edge
+    rec['peak_mem_mb'] = torch.cuda.max_memory_allocated(self.device)/2**20 if self.device.type == 'cuda' else float('nan')
+    self.records.append(rec)
+    if self.checkpoint: self._save_checkpoint()
 
-    # --- batches ---------------------------------------------------------------------------------------------------
-    def before_train(self):
-        if self.do_cache: self.learn.dl = self._train_idx
+@patch
+def _evaluate(self:BoostResNetCallback, batches=None, max_batches=None):
+    "Loss, accuracy and edge numerator/denominator of the current stage on `batches` (default: the validation set)"
+    st, learn = self.stage, self.learner
+    was = st.training; st.eval()
+    tot, correct, n, num, den, nb = 0., 0, 0, 0., 0., 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(self._valid_batches() if batches is None else batches):
+            if max_batches is not None and i >= max_batches: break
+            out = st(x)
+            tot += float(learn.loss_func(out, y)) * len(y); n += len(y)
+            correct += int((out.argmax(-1) == y).sum())
+            a, b = boost_edge(out.float().softmax(-1), y, st.s if self.loss_type == 'boost' else None)
+            num, den = num + float(a), den + float(b)
+    st.train(was)
+    return (tot/n, correct/n, num, den) if n else (float('nan'), float('nan'), num, den)   # n=0: no validation set
 
-    def before_validate(self):
-        if self.do_cache: self.learn.dl = self._valid_idx
 
-    def before_batch(self):
-        if self.learn.training and self.learn.train_iter < self._skip_to:
-            # resumed: iterations of the blocks already trained, skipped batch by batch so that the data order and
-            # augmentation of the batches that follow are those of the uninterrupted run
-            self.learn.yb = ()   # Recorder logs nothing for it
-            raise CancelBatchException()
-        if self.do_cache:
-            idx = self.learn.xb[0].cpu()
-            feats = self._feats[0] if self.learn.training else self._feats[1]
-            ys = self._ys[0] if self.learn.training else self._ys[1]
-            self.learn.xb = (feats[idx].to(self.device, torch.float32),)
-            self.learn.yb = (ys[idx].to(self.device),)
-        if self.learn.training:
-            pos = (self.learn.train_iter - self._start_it) / self.iters[self.k]
-            self.learn.opt.set_hyper('lr', self._lr(min(pos, 1.)))
+# %% ../nbs/02_boost.ipynb #c016ba
+@patch
+def before_train(self:BoostResNetCallback):
+    if self.do_cache: self.learn.dl = self._train_idx
 
-    def after_batch(self):
-        if not self.learn.training or self.learn.train_iter <= self._skip_to: return
-        if any_rank(~torch.isfinite(self.learn.loss.detach())): self._non_finite()   # under DDP a NaN on one rank reaches every rank's gradients: all stop together
-        y = self.learn.yb[0]
-        self._loss_sum, self._nb = self._loss_sum + self.learn.loss.detach(), self._nb + 1   # summed on device: no sync per batch
-        self._correct += (self.learn.pred.detach().argmax(-1) == y).sum()
-        self._seen += len(y)
-        done = self.learn.train_iter
-        if self.stop == 'plateau' and done < self.ends[self.k]:
-            every = max(1, self.iters[self.k] // self.n_checks)
-            if (done - self._start_it) % every == 0 and self._plateaued(): self._skip_rest()
-        if done >= self.ends[self.k]: self._next()
+@patch
+def before_validate(self:BoostResNetCallback):
+    if self.do_cache: self.learn.dl = self._valid_idx
 
-    def _non_finite(self):
-        "A NaN/inf loss: the step just made broke the training block; put it back as it was when its stage began, and stop"
-        bsd, hsd = self._stage_start
-        self.stage.block.load_state_dict(bsd); self.stage.head.load_state_dict(hsd)
-        msg = (f"BoostResNetCallback: non-finite loss{' on at least one process' if num_distrib() > 1 else ''} at iteration {self.learn.train_iter} "
-               f"in block {self.k}: stopped; blocks 0-{self.k-1} are kept as trained, block {self.k} as it was before its "
-               f"stage. Lower the learning rate, or add gradient clipping (fastai's GradientClip), and run again.")
-        stop_fit(msg)
+@patch
+def before_batch(self:BoostResNetCallback):
+    if self.learn.training and self.learn.train_iter < self._skip_to:
+        # resumed: iterations of the blocks already trained, skipped batch by batch so that the data order and
+        # augmentation of the batches that follow are those of the uninterrupted run
+        self.learn.yb = ()   # Recorder logs nothing for it
+        raise CancelBatchException()
+    if self.do_cache:
+        idx = self.learn.xb[0].cpu()
+        feats = self._feats[0] if self.learn.training else self._feats[1]
+        ys = self._ys[0] if self.learn.training else self._ys[1]
+        self.learn.xb = (feats[idx].to(self.device, torch.float32),)
+        self.learn.yb = (ys[idx].to(self.device),)
+    if self.learn.training:
+        pos = (self.learn.train_iter - self._start_it) / self.iters[self.k]
+        self.learn.opt.set_hyper('lr', self._lr(min(pos, 1.)))
 
-    def _plateaued(self):
-        vloss = self._evaluate(max_batches=8)[0]
-        if vloss < self._best - 1e-4: self._best, self._bad = vloss, 0
-        else: self._bad += 1
-        return self._bad >= self.patience
+@patch
+def after_batch(self:BoostResNetCallback):
+    if not self.learn.training or self.learn.train_iter <= self._skip_to: return
+    if any_rank(~torch.isfinite(self.learn.loss.detach())): self._non_finite()   # under DDP a NaN on one rank reaches every rank's gradients: all stop together
+    y = self.learn.yb[0]
+    self._loss_sum, self._nb = self._loss_sum + self.learn.loss.detach(), self._nb + 1   # summed on device: no sync per batch
+    self._correct += (self.learn.pred.detach().argmax(-1) == y).sum()
+    self._seen += len(y)
+    done = self.learn.train_iter
+    if self.stop == 'plateau' and done < self.ends[self.k]:
+        every = max(1, self.iters[self.k] // self.n_checks)
+        if (done - self._start_it) % every == 0 and self._plateaued(): self._skip_rest()
+    if done >= self.ends[self.k]: self._next()
 
-    def _skip_rest(self):
-        "End the current stage now; later stages keep their lengths, so the phase ends early"
-        cut = self.ends[self.k] - self.learn.train_iter
-        self.iters[self.k] -= cut
-        self.ends = [e if i < self.k else e - cut for i, e in enumerate(self.ends)]
+@patch
+def _non_finite(self:BoostResNetCallback):
+    "A NaN/inf loss: the step just made broke the training block; put it back as it was when its stage began, and stop"
+    bsd, hsd = self._stage_start
+    self.stage.block.load_state_dict(bsd); self.stage.head.load_state_dict(hsd)
+    msg = (f"BoostResNetCallback: non-finite loss{' on at least one process' if num_distrib() > 1 else ''} at iteration {self.learn.train_iter} "
+           f"in block {self.k}: stopped; blocks 0-{self.k-1} are kept as trained, block {self.k} as it was before its "
+           f"stage. Lower the learning rate, or add gradient clipping (fastai's GradientClip), and run again.")
+    stop_fit(msg)
 
-    def _next(self):
-        self._end_stage()
-        k = self.k
-        stop = self.gamma_stop is not None and not (self.records[-1].get('gamma', 0) >= self.gamma_stop)
-        if k + 1 < len(self.blocks) and not stop:
-            # a stage that ends with the epoch's last batch: the next one starts after the epoch's validation, so that
-            # fastai's Recorder and progress table report the stage just trained, not an untrained classifier
-            if self.learn.iter == self.learn.n_iter - 1: self._pending = k + 1
-            else: self._start_stage(k + 1)
-        elif self.learn.train_iter < len(self.learn.dls.train) * self.learn.n_epoch:
-            # the phase ended early (plateau or gamma_stop): skip the iterations left
-            raise CancelFitException("block-wise phase done")
+@patch
+def _plateaued(self:BoostResNetCallback):
+    vloss = self._evaluate(max_batches=8)[0]
+    if vloss < self._best - 1e-4: self._best, self._bad = vloss, 0
+    else: self._bad += 1
+    return self._bad >= self.patience
 
-    # --- feature cache ---------------------------------------------------------------------------------------------
-    def _build_cache(self):
-        "Inputs of block 0 for the whole training and validation sets, through the validation-time (deterministic) transforms"
-        learn, xs, ys = self.learner, [], []
-        for dl in (learn.dls.train, learn.dls.valid):
-            xx, yy = [], []
-            for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
-            xs.append(torch.cat(xx) if xx else xs[0][:0]); ys.append(torch.cat(yy) if yy else ys[0][:0])   # no validation set: empty
-        self._feats, self._ys = xs, ys
-        bs, tdl = learn.dls.train.bs, learn.dls.train
-        ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
-        self._train_idx = DataLoader(ds(len(ys[0])), bs=bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=self.device)
-        self._valid_idx = DataLoader(ds(len(ys[1])), bs=learn.dls.valid.bs, shuffle=False, device=self.device)
-        if len(self._train_idx) != len(tdl):
-            raise RuntimeError(f"the cached loader has {len(self._train_idx)} batches per epoch, the learner's {len(tdl)}: use cache=False")
+@patch
+def _skip_rest(self:BoostResNetCallback):
+    "End the current stage now; later stages keep their lengths, so the phase ends early"
+    cut = self.ends[self.k] - self.learn.train_iter
+    self.iters[self.k] -= cut
+    self.ends = [e if i < self.k else e - cut for i, e in enumerate(self.ends)]
 
-    def _advance_cache(self, k):
-        "Replace the cache of block k-1's inputs by block k's inputs (block k-1 run once over the data)"
-        b = self.blocks[k-1]
-        was = b.training; b.eval()
-        out = []
-        run = lambda x: b(x.to(self.device, torch.float32)).to('cpu', self.cache_dtype)
-        with torch.no_grad():
-            for f in self._feats:
-                if not len(f): out.append(f); continue
-                y = run(f[:256])
-                # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
-                # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
-                dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.cache_dtype)
-                dst[:len(y)] = y
-                for i in range(256, len(f), 256): dst[i:i+256] = run(f[i:i+256])
-                out.append(dst)
-        b.train(was)
-        self._feats = out
+@patch
+def _next(self:BoostResNetCallback):
+    self._end_stage()
+    k = self.k
+    stop = self.gamma_stop is not None and not (self.records[-1].get('gamma', 0) >= self.gamma_stop)
+    if k + 1 < len(self.blocks) and not stop:
+        # a stage that ends with the epoch's last batch: the next one starts after the epoch's validation, so that
+        # fastai's Recorder and progress table report the stage just trained, not an untrained classifier
+        if self.learn.iter == self.learn.n_iter - 1: self._pending = k + 1
+        else: self._start_stage(k + 1)
+    elif self.learn.train_iter < len(self.learn.dls.train) * self.learn.n_epoch:
+        # the phase ended early (plateau or gamma_stop): skip the iterations left
+        raise CancelFitException("block-wise phase done")
 
-    def _exact_bn(self):
-        "The trained block's BatchNorm statistics as the average over its inputs on `bn_samples` random training images"
-        if self.do_cache:
-            f = self._feats[0]
-            idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(self.k))[:self.bn_samples]
-            src, bs = (f[idx[i:i+256]].to(self.device, torch.float32) for i in range(0, len(idx), 256)), 256
-        else: src, bs = _eval_batches(self.learner.dls.train, shuffle=True), self.learner.dls.train.bs
-        was = self.stage.training; self.stage.train()   # the prefix stays in eval mode; the pass stops at the block
-        try:   # closing: the loader's validation-time split is undone now, not when the generator is collected
-            with _rng_kept(), contextlib.closing(src):
-                exact_bn_stats(self.stage, self.stage.block, itertools.islice(src, max(1, math.ceil(self.bn_samples/bs))))
-        finally: self.stage.train(was)
 
-    def _train_batches(self):
-        "The whole training set once, in order, un-augmented: the cached features, else the validation-time pipeline"
-        if self.do_cache:
-            f, y = self._feats[0], self._ys[0]
-            for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
-        else: yield from _eval_batches(self.learner.dls.train)
+# %% ../nbs/02_boost.ipynb #c016ca
+@patch
+def _build_cache(self:BoostResNetCallback):
+    "Inputs of block 0 for the whole training and validation sets, through the validation-time (deterministic) transforms"
+    learn, xs, ys = self.learner, [], []
+    for dl in (learn.dls.train, learn.dls.valid):
+        xx, yy = [], []
+        for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
+        xs.append(torch.cat(xx) if xx else xs[0][:0]); ys.append(torch.cat(yy) if yy else ys[0][:0])   # no validation set: empty
+    self._feats, self._ys = xs, ys
+    bs, tdl = learn.dls.train.bs, learn.dls.train
+    ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
+    self._train_idx = DataLoader(ds(len(ys[0])), bs=bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=self.device)
+    self._valid_idx = DataLoader(ds(len(ys[1])), bs=learn.dls.valid.bs, shuffle=False, device=self.device)
+    if len(self._train_idx) != len(tdl):
+        raise RuntimeError(f"the cached loader has {len(self._train_idx)} batches per epoch, the learner's {len(tdl)}: use cache=False")
 
-    def _valid_batches(self):
-        if self.do_cache:
-            f, y = self._feats[1], self._ys[1]
-            for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
-        else:
-            for x, y in self.learner.dls.valid: yield x, y
+@patch
+def _advance_cache(self:BoostResNetCallback, k):
+    "Replace the cache of block k-1's inputs by block k's inputs (block k-1 run once over the data)"
+    b = self.blocks[k-1]
+    was = b.training; b.eval()
+    out = []
+    run = lambda x: b(x.to(self.device, torch.float32)).to('cpu', self.cache_dtype)
+    with torch.no_grad():
+        for f in self._feats:
+            if not len(f): out.append(f); continue
+            y = run(f[:256])
+            # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
+            # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
+            dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.cache_dtype)
+            dst[:len(y)] = y
+            for i in range(256, len(f), 256): dst[i:i+256] = run(f[i:i+256])
+            out.append(dst)
+    b.train(was)
+    self._feats = out
 
-    # --- checkpoint and resume -------------------------------------------------------------------------------------
-    @property
-    def checkpoint_file(self) -> Path:
-        "Where `checkpoint` is saved: `learn.path/learn.model_dir/{checkpoint}.pth`"
-        learn = self.learner or self.learn
-        return Path(learn.path)/learn.model_dir/f'{self.checkpoint}.pth'
+@patch
+def _exact_bn(self:BoostResNetCallback):
+    "The trained block's BatchNorm statistics as the average over its inputs on `bn_samples` random training images"
+    if self.do_cache:
+        f = self._feats[0]
+        idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(self.k))[:self.bn_samples]
+        src, bs = (f[idx[i:i+256]].to(self.device, torch.float32) for i in range(0, len(idx), 256)), 256
+    else: src, bs = _eval_batches(self.learner.dls.train, shuffle=True), self.learner.dls.train.bs
+    was = self.stage.training; self.stage.train()   # the prefix stays in eval mode; the pass stops at the block
+    try:   # closing: the loader's validation-time split is undone now, not when the generator is collected
+        with _rng_kept(), contextlib.closing(src):
+            exact_bn_stats(self.stage, self.stage.block, itertools.islice(src, max(1, math.ceil(self.bn_samples/bs))))
+    finally: self.stage.train(was)
 
-    def _save_checkpoint(self):
-        "The state after block `self.k`, written atomically (temp file, then rename) by the rank-0 process"
-        if rank_distrib() != 0: return
-        f = self.checkpoint_file; f.parent.mkdir(parents=True, exist_ok=True)
-        state = dict(k=self.k, iters0=self._iters0, iters=list(self.iters), model=self.user_model.state_dict(),
-                     heads=[h.state_dict() for h in self.heads[:-1]], records=self.records,
-                     edge_prev=self.edge_prev, alpha_prev=self.alpha_prev, loss=self.loss_type)
-        save_atomic(state, f)
+@patch
+def _train_batches(self:BoostResNetCallback):
+    "The whole training set once, in order, un-augmented: the cached features, else the validation-time pipeline"
+    if self.do_cache:
+        f, y = self._feats[0], self._ys[0]
+        for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
+    else: yield from _eval_batches(self.learner.dls.train)
 
-    def _load_checkpoint(self):
-        f = self.checkpoint_file
-        if not f.exists(): raise FileNotFoundError(f"resume=True but there is no checkpoint {f}: run the fit with "
-                                                   f"checkpoint={self.checkpoint!r} first (or without resume)")
-        try: return torch.load(f, map_location='cpu', weights_only=False)
-        except Exception as e: raise RuntimeError(f"checkpoint {f} cannot be read ({type(e).__name__}: {e}): delete it and run without resume") from e
+@patch
+def _valid_batches(self:BoostResNetCallback):
+    if self.do_cache:
+        f, y = self._feats[1], self._ys[1]
+        for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
+    else:
+        for x, y in self.learner.dls.valid: yield x, y
 
-    def _apply_checkpoint(self, ck):
-        "Load the blocks, heads and records of a checkpoint; the first stage to train"
-        if ck['iters0'] != self._iters0 or ck['loss'] != self.loss_type:
-            self.restore()
-            raise ValueError(f"checkpoint {self.checkpoint_file} was saved by a fit with stages of {ck['iters0']} iterations "
-                             f"and loss={ck['loss']!r}, this fit has {self._iters0} and loss={self.loss_type!r}: resume with "
-                             f"the same n_epoch, data, batch size, budget and loss")
-        self.user_model.load_state_dict(ck['model'])
-        for h, sd in zip(self.heads, ck['heads']): h.load_state_dict(sd)
-        self.records, self.edge_prev, self.alpha_prev = list(ck['records']), ck['edge_prev'], ck['alpha_prev']
-        self.iters = list(ck['iters']); self.ends = np.cumsum(self.iters).tolist()   # as shortened by a 'plateau' stop
-        k = ck['k'] + 1
-        if k >= len(self.blocks):
-            self.restore()
-            raise CancelFitException(f"checkpoint {self.checkpoint_file}: every block is trained already; its weights are loaded")
-        self._skip_to = self.ends[k-1]
-        if self.do_cache:
-            for j in range(1, k): self._advance_cache(j)   # _start_stage(k) runs block k-1
-        return k
 
-    # --- results ---------------------------------------------------------------------------------------------------
-    @property
-    def report(self) -> pd.DataFrame:
-        "One row per trained block: size, iterations, time, losses and accuracies of its classifier, edges, memory"
-        return pd.DataFrame(self.records).set_index('block') if self.records else pd.DataFrame()
+# %% ../nbs/02_boost.ipynb #c016ch
+@patch(as_prop=True)
+def checkpoint_file(self:BoostResNetCallback) -> Path:
+    "Where `checkpoint` is saved: `learn.path/learn.model_dir/{checkpoint}.pth`"
+    learn = self.learner or self.learn
+    return Path(learn.path)/learn.model_dir/f'{self.checkpoint}.pth'
 
-    def plot(self, ax=None):
-        "Loss and accuracy of each block's classifier against depth, train and valid (the study's figure)"
-        import matplotlib.pyplot as plt
-        r = self.report
-        if ax is None: fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        else: fig = ax[0].figure
-        for col, a, nm in (('loss', ax[0], 'loss'), ('acc', ax[1], 'accuracy')):
-            a.plot(r.index, r[f'train_{col}'], 'o-', label='train')
-            a.plot(r.index, r[f'valid_{col}'], 's-', label='valid')
-            a.set_xlabel('block'); a.set_ylabel(nm); a.legend()
-        fig.suptitle('BoostResNet: each block with its own classifier')
-        fig.tight_layout()
-        return fig
+@patch
+def _save_checkpoint(self:BoostResNetCallback):
+    "The state after block `self.k`, written atomically (temp file, then rename) by the rank-0 process"
+    if rank_distrib() != 0: return
+    f = self.checkpoint_file; f.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(k=self.k, iters0=self._iters0, iters=list(self.iters), model=self.user_model.state_dict(),
+                 heads=[h.state_dict() for h in self.heads[:-1]], records=self.records,
+                 edge_prev=self.edge_prev, alpha_prev=self.alpha_prev, loss=self.loss_type)
+    save_atomic(state, f)
+
+@patch
+def _load_checkpoint(self:BoostResNetCallback):
+    f = self.checkpoint_file
+    if not f.exists(): raise FileNotFoundError(f"resume=True but there is no checkpoint {f}: run the fit with "
+                                               f"checkpoint={self.checkpoint!r} first (or without resume)")
+    try: return torch.load(f, map_location='cpu', weights_only=False)
+    except Exception as e: raise RuntimeError(f"checkpoint {f} cannot be read ({type(e).__name__}: {e}): delete it and run without resume") from e
+
+@patch
+def _apply_checkpoint(self:BoostResNetCallback, ck):
+    "Load the blocks, heads and records of a checkpoint; the first stage to train"
+    if ck['iters0'] != self._iters0 or ck['loss'] != self.loss_type:
+        self.restore()
+        raise ValueError(f"checkpoint {self.checkpoint_file} was saved by a fit with stages of {ck['iters0']} iterations "
+                         f"and loss={ck['loss']!r}, this fit has {self._iters0} and loss={self.loss_type!r}: resume with "
+                         f"the same n_epoch, data, batch size, budget and loss")
+    self.user_model.load_state_dict(ck['model'])
+    for h, sd in zip(self.heads, ck['heads']): h.load_state_dict(sd)
+    self.records, self.edge_prev, self.alpha_prev = list(ck['records']), ck['edge_prev'], ck['alpha_prev']
+    self.iters = list(ck['iters']); self.ends = np.cumsum(self.iters).tolist()   # as shortened by a 'plateau' stop
+    k = ck['k'] + 1
+    if k >= len(self.blocks):
+        self.restore()
+        raise CancelFitException(f"checkpoint {self.checkpoint_file}: every block is trained already; its weights are loaded")
+    self._skip_to = self.ends[k-1]
+    if self.do_cache:
+        for j in range(1, k): self._advance_cache(j)   # _start_stage(k) runs block k-1
+    return k
+
+
+# %% ../nbs/02_boost.ipynb #c016re
+@patch(as_prop=True)
+def report(self:BoostResNetCallback) -> pd.DataFrame:
+    "One row per trained block: size, iterations, time, losses and accuracies of its classifier, edges, memory"
+    return pd.DataFrame(self.records).set_index('block') if self.records else pd.DataFrame()
+
+@patch
+def plot(self:BoostResNetCallback, ax=None):
+    "Loss and accuracy of each block's classifier against depth, train and valid (the study's figure)"
+    import matplotlib.pyplot as plt
+    r = self.report
+    if ax is None: fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    else: fig = ax[0].figure
+    for col, a, nm in (('loss', ax[0], 'loss'), ('acc', ax[1], 'accuracy')):
+        a.plot(r.index, r[f'train_{col}'], 'o-', label='train')
+        a.plot(r.index, r[f'valid_{col}'], 's-', label='valid')
+        a.set_xlabel('block'); a.set_ylabel(nm); a.legend()
+    fig.suptitle('BoostResNet: each block with its own classifier')
+    fig.tight_layout()
+    return fig
+
 
 # %% ../nbs/02_boost.ipynb #c017
 @patch
