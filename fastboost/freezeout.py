@@ -53,12 +53,15 @@ def freeze_iters(
     return [min(n_iter, math.ceil(t*n_iter - 1e-9)) for t in times]
 
 def freezeout_lr(
-    t:float,    # fraction of training done
-    t_i:float,  # the block's freeze time
-    lr0:float,  # the block's initial learning rate
+    t:float,          # fraction of training done
+    t_i:float,        # the block's freeze time
+    lr0:float,        # the block's initial learning rate
+    warmup:float=0.,  # fraction of training spent warming up linearly from 0 before the cosine (< t_i)
 ) -> float:
-    "FreezeOut's per-block cosine learning rate at training fraction `t`"
-    return 0.5*lr0*(1 + math.cos(math.pi*t/t_i)) if t < t_i else 0.
+    "FreezeOut's per-block cosine learning rate at training fraction `t`, after an optional linear warm-up"
+    if t >= t_i: return 0.
+    if t < warmup: return lr0*t/warmup
+    return 0.5*lr0*(1 + math.cos(math.pi*(t - warmup)/(t_i - warmup)))
 
 # %% ../nbs/03_freezeout.ipynb #c008
 def _flops(f):
@@ -172,15 +175,19 @@ class FreezeOutCallback(Restores, Callback):
         bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
         tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
         window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training)
+        warmup:float=0.,       # fixed t0: fraction of training over which every learning rate rises linearly from 0 before its cosine
     ):
         if t0 != 'auto': _check_args(t0, schedule)
+        if t0 == 'auto' and warmup: raise ValueError("warmup is for a fixed t0: with t0='auto' the fit's own schedule warms up (fit_one_cycle does)")
+        if not (isinstance(warmup, (int, float)) and 0 <= warmup and (t0 == 'auto' or warmup < _SCALES[schedule](t0))):
+            raise ValueError(f"warmup={warmup!r}: a fraction of training in [0, t_0), where t_0 = {schedule}({t0}) is the first block's freeze time")
         _check_auto(tol, window)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
         if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
         if scale_lr not in (True, False, 'auto'): raise ValueError(f"scale_lr must be True, False or 'auto', got {scale_lr!r}")
         if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
         self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
-        self.bn_samples, self.tol, self.window = bn_samples, tol, window
+        self.bn_samples, self.tol, self.window, self.warmup = bn_samples, tol, window, warmup
         self.report, self.speedup = None, {}
 
     def before_fit(self):
@@ -201,9 +208,9 @@ class FreezeOutCallback(Restores, Callback):
         self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
         hypers = dict(lrn.opt.hypers[-1])
         # everything checked: from here on we change the learner, and `restore` undoes it
-        self._lrn, self.blocks, self.total_iters = lrn, blocks, T
+        self.learner, self.blocks, self.total_iters = lrn, blocks, T
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
-        self._modes, self.n_frozen, self.k, self._times, self._costs, self._untracked = {}, 0, 0, [], None, []
+        self._modes, self.n_frozen, self.it, self._times, self._costs, self._untracked = {}, 0, 0, [], None, []
         self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
         self._active = True
         if self.auto: self._auto_start(lrn, blocks, T); return   # the learner's own optimizer and schedule: nothing to swap
@@ -256,22 +263,22 @@ class FreezeOutCallback(Restores, Callback):
             if isinstance(m, _BatchNorm): m.train()   # `track_running_stats=False` (`_freeze`): batch statistics, nothing updated
 
     def before_batch(self):
-        self.k = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
+        self.it = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
         if self._costs is None: self._cost_model()
-        if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k:
+        if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.it:
             self._check_finite()   # a block is frozen only with finite weights
-            while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.k: self._freeze(self.n_frozen)
+            while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.it: self._freeze(self.n_frozen)
             if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
         if not self.auto:   # 'auto' leaves the learning rates to the fit's schedule
-            t = self.k/self.total_iters
-            lrs = [freezeout_lr(t, ti, l0) for ti,l0 in zip(self.times, self.block_lr0)]
-            lrs += [freezeout_lr(t, 1., self.base_lr)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
+            t = self.it/self.total_iters
+            lrs = [freezeout_lr(t, ti, l0, self.warmup) for ti,l0 in zip(self.times, self.block_lr0)]
+            lrs += [freezeout_lr(t, 1., self.base_lr, self.warmup)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
             self.learn.opt.set_hyper('lr', lrs)
         if self.timing: self._t = self._now()
 
     def after_batch(self):
         if self.timing: self._times.append(self._now() - self._t)
-        if self.auto and (self.k + 1) % self.n_window == 0: self._auto_check()
+        if self.auto and (self.it + 1) % self.n_window == 0: self._auto_check()
 
     def after_train(self): self._check_finite()
 
@@ -294,7 +301,7 @@ class FreezeOutCallback(Restores, Callback):
         self._frozen_mode(b)
         for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
         self.n_frozen = i+1
-        if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.k, None
+        if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.it, None
 
     def _exact_bn(self, b):
         "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
@@ -313,8 +320,8 @@ class FreezeOutCallback(Restores, Callback):
     def _check_finite(self):
         "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
         bad = nonfinite(get_model(self.learn.model).state_dict().items())
-        if bad is None: self._checked = self.k; return
-        stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.k} (the loss "
+        if bad is None: self._checked = self.it; return
+        stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.it} (the loss "
                f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
                f"frozen so far are intact; the others and the head are not: load a checkpoint (`SaveModelCallback`) and "
                f"lower the learning rate or clip gradients (`GradientClip`). `TerminateOnNaNCallback` stops at the NaN batch.")
@@ -338,7 +345,7 @@ class FreezeOutCallback(Restores, Callback):
 
     def _undo(self):
         "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer (with its state), the DDP wrapper"
-        lrn, opt = self._lrn, self._lrn.opt
+        lrn, opt = self.learner, self.learner.opt
         for p,rg in self._rg: p.requires_grad_(rg)
         for m in self._untracked: m.track_running_stats = True
         if lrn.model.training:   # interrupted mid-epoch: the blocks go back to the modes they had when frozen
@@ -364,9 +371,10 @@ def fit_freezeout(self:Learner,
     reset_opt:bool=False,  # reset the optimizer first
     frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics)
     bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm statistics on (0: keep them)
+    warmup:float=0.,       # fixed t0: fraction of training over which the learning rates rise linearly from 0
 ) -> FreezeOutCallback:
     "Fit with FreezeOut (`t0='auto'`: under `fit_one_cycle`); returns the callback, whose `report` and `speedup` describe the run"
-    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples)
+    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples, warmup=warmup)
     fit = self.fit_one_cycle if t0 == 'auto' else self.fit   # 'auto' leaves the learning rates to fastai's default schedule
     fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
@@ -398,10 +406,10 @@ def plot(self:FreezeOutCallback,
 def _plot_lrs(cb, ax, cols, k):
     T = cb.total_iters
     for i, (ti, l0, f) in enumerate(zip(cb.times, cb.block_lr0, cb.iters)):
-        ax.plot(k, [freezeout_lr(x/T, ti, l0) for x in k], color=cols[i], lw=1,
+        ax.plot(k, [freezeout_lr(x/T, ti, l0, cb.warmup) for x in k], color=cols[i], lw=1,
                 label=f'block {i}' if i in (0, len(cb.times)-1) else None)
         if f < T: ax.plot(f, 0, 'o', color=cols[i], ms=4)
-    ax.plot(k, [freezeout_lr(x/T, 1., cb.base_lr) for x in k], 'k--', lw=1, label='head')
+    ax.plot(k, [freezeout_lr(x/T, 1., cb.base_lr, cb.warmup) for x in k], 'k--', lw=1, label='head')
     ax.set(xlabel='iteration', ylabel='learning rate', title='learning rate per block (dot: frozen)'); ax.legend()
 
 def _plot_auto(cb, ax, cols):
@@ -441,7 +449,7 @@ def _auto_start(self:FreezeOutCallback, lrn, blocks, T):
 @patch
 def _auto_check(self:FreezeOutCallback):
     "Every `window` iterations: each free block's movement; the next blocks start their anneal if they have settled"
-    k, n, T = self.k + 1, len(self.blocks), self.total_iters
+    k, n, T = self.it + 1, len(self.blocks), self.total_iters
     j0 = next((j for j, s in enumerate(self.anneal_iter) if s is None), n)   # the first block not yet annealing
     left = np.full(n, np.nan)
     for j in range(j0, n):
@@ -470,6 +478,6 @@ def after_step(self:FreezeOutCallback):
     if not self.auto or self._w0 is None: return
     with torch.no_grad():
         for j, w0 in self._w0.items():
-            m = freezeout_lr((self.k - self.anneal_iter[j]) / self.n_window, 1., 1.)
+            m = freezeout_lr((self.it - self.anneal_iter[j]) / self.n_window, 1., 1.)
             for p, w in zip(self.blocks[j].parameters(), w0): p.lerp_(w, 1 - m)   # w + m*(p - w)
     self._w0 = None

@@ -116,8 +116,8 @@ def _step_skipped(learn) -> bool:
 class SnapshotEnsembleCallback(Restores, Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
-    _stateattrs = ('_lrn', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
-    def _init_state(self): self._state, self._lrn, self._model, self._cache, self.snapshots = {}, None, None, {}, []
+    _stateattrs = ('learner', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
+    def _init_state(self): self._state, self.learner, self._model, self._cache, self.snapshots = {}, None, None, {}, []
     def __init__(self,
         n_cycles:int=5,            # cosine cycles, i.e. snapshots
         warmup:int|float=0,        # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
@@ -135,7 +135,7 @@ class SnapshotEnsembleCallback(Restores, Callback):
         self.n_cycles, self.warmup, self.cycle_mult, self.reset_momentum = n_cycles, warmup, cycle_mult, reset_momentum
         self.storage, self.fname, self.resume, self.first, self.restart_lr = save, fname, resume, first, restart_lr
         self.members = None   # the cycles `select` chose (with repeats): the default of get_preds, ensemble, average_weights
-        self.snapshots, self.lrs, self._cache, self._lrn, self._model, self._meta = [], [], {}, None, None, None
+        self.snapshots, self.lrs, self._cache, self.learner, self._model, self._meta = [], [], {}, None, None, None
 
     def before_fit(self):
         learn = self.learn
@@ -166,7 +166,7 @@ class SnapshotEnsembleCallback(Restores, Callback):
                 for p in [*sdir.glob(f'.{self.fname}_*.pth.*tmp'), *leftovers(sdir / f'{self.fname}.json')]: p.unlink()   # left by a killed process
                 save_atomic(meta, sdir / f'{self.fname}.json', fmt='json')   # the schedule, for `resume=True` to check
         self._sdir, self._meta = sdir, meta
-        self._lrn, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
+        self.learner, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
         self._lr0 = lr0
         self.snapshots, self._cache, self.members = kept, {}, None   # new snapshots: `select` again
         self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
@@ -243,13 +243,13 @@ class SnapshotEnsembleCallback(Restores, Callback):
 
     def _undo(self):
         "Put back the learning rate the optimizer had before the fit"
-        if self._lrn is not None and self._lrn.opt is not None: self._lrn.opt.set_hyper('lr', self._lr0)
+        if self.learner is not None and self.learner.opt is not None: self.learner.opt.set_hyper('lr', self._lr0)
 
 # %% ../nbs/04_snapshot.ipynb #c023
 @patch
 def _learner(self:SnapshotEnsembleCallback):
-    if self._lrn is None: raise ValueError("no snapshots yet: train with this callback first (`learn.fit(..., cbs=cb)`)")
-    return self._lrn
+    if self.learner is None: raise ValueError("no snapshots yet: train with this callback first (`learn.fit(..., cbs=cb)`)")
+    return self.learner
 
 @patch
 def _select(self:SnapshotEnsembleCallback, last=None, which=None) -> list:
