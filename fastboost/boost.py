@@ -27,7 +27,7 @@ from .core import check_alone, distributed_trainer, save_atomic, any_rank, Resto
 
 # %% auto #0
 __all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
-           'BoostResNetCallback']
+           'BoostResNetCallback', 'FeatureCache']
 
 # %% ../nbs/02_boost.ipynb #c006
 def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
@@ -267,7 +267,7 @@ class BoostResNetCallback(Restores, Callback):
         self.lr_max = learn.opt.hypers[-1]['lr']
         self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
-        if self.do_cache: self._build_cache()
+        if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype)
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
         self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
         try: self._start_stage(first)
@@ -288,8 +288,9 @@ class BoostResNetCallback(Restores, Callback):
         learn.model, learn.opt, learn.loss_func = sv['model'], sv['opt'], sv['loss_func']
         # DistributedTrainer.after_fit (order 11, after ours) unwraps `learn.model.module`
         if ddp_shell and self._dt is not None and self._dt in learn.cbs: learn.model = _Unwrapped(sv['model'])
-        if getattr(learn, 'dl', None) in (getattr(self, '_train_idx', None), getattr(self, '_valid_idx', None)): learn.dl = None
-        self._feats = None
+        fc = getattr(self, '_features', None)
+        if fc is not None and getattr(learn, 'dl', None) in fc.loaders: learn.dl = None
+        self._features = None
 
 
 # %% ../nbs/02_boost.ipynb #c016st
@@ -305,7 +306,7 @@ def _start_stage(self:BoostResNetCallback, k):
     for p in params(block) + params(head): p.requires_grad_(True)
     if self.do_cache:
         self.stage.from_features = True
-        if k > 0: self._advance_cache(k)
+        if k > 0: self._features.advance(self.blocks[k-1])
     if self.offload and self.device.type != 'cpu':
         for p in self.user_model.parameters(): p.data = p.data.cpu()
         for h in self.heads: h.cpu()
@@ -375,11 +376,11 @@ def _evaluate(self:BoostResNetCallback, batches=None, max_batches=None):
 # %% ../nbs/02_boost.ipynb #c016ba
 @patch
 def before_train(self:BoostResNetCallback):
-    if self.do_cache: self.learn.dl = self._train_idx
+    if self.do_cache: self.learn.dl = self._features.loaders[0]
 
 @patch
 def before_validate(self:BoostResNetCallback):
-    if self.do_cache: self.learn.dl = self._valid_idx
+    if self.do_cache: self.learn.dl = self._features.loaders[1]
 
 @patch
 def before_batch(self:BoostResNetCallback):
@@ -389,11 +390,8 @@ def before_batch(self:BoostResNetCallback):
         self.learn.yb = ()   # Recorder logs nothing for it
         raise CancelBatchException()
     if self.do_cache:
-        idx = self.learn.xb[0].cpu()
-        feats = self._feats[0] if self.learn.training else self._feats[1]
-        ys = self._ys[0] if self.learn.training else self._ys[1]
-        self.learn.xb = (feats[idx].to(self.device, torch.float32),)
-        self.learn.yb = (ys[idx].to(self.device),)
+        x, y = self._features.batch(0 if self.learn.training else 1, self.learn.xb[0].cpu())   # indices -> features
+        self.learn.xb, self.learn.yb = (x,), (y,)
     if self.learn.training:
         pos = (self.learn.train_iter - self._start_it) / self.iters[self.k]
         self.learn.opt.set_hyper('lr', self._lr(min(pos, 1.)))
@@ -451,50 +449,63 @@ def _next(self:BoostResNetCallback):
         raise CancelFitException("block-wise phase done")
 
 
+# %% ../nbs/02_boost.ipynb #c016fc
+class FeatureCache:
+    "Every training and validation image at one block's input, on the CPU, advanced one block at a time"
+    chunk = 256   # rows per forward pass when advancing, and per batch of `batches`/`sample`
+    def __init__(self,
+        dls,                        # the learner's `DataLoaders`: read once, through the validation-time transforms
+        device,                     # where the batches go
+        dtype=torch.float32,        # dtype of the stored features (float16 halves their memory)
+    ):
+        self.device, self.dtype, self.x, self.y = device, dtype, [], []
+        for dl in (dls.train, dls.valid):
+            xx, yy = [], []
+            for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
+            self.x.append(torch.cat(xx) if xx else self.x[0][:0]); self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
+        tdl = dls.train
+        ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
+        self.loaders = (DataLoader(ds(len(self.y[0])), bs=tdl.bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=device),
+                        DataLoader(ds(len(self.y[1])), bs=dls.valid.bs, shuffle=False, device=device))   # indices, shaped like the learner's loaders
+        if len(self.loaders[0]) != len(tdl):
+            raise RuntimeError(f"the cached loader has {len(self.loaders[0])} batches per epoch, the learner's {len(tdl)}: use cache=False")
+
+    def batch(self, split:int, idx) -> tuple:
+        "Features and labels of rows `idx` of `split` (0: training, 1: validation), on the device"
+        return self.x[split][idx].to(self.device, torch.float32), self.y[split][idx].to(self.device)
+
+    def batches(self, split:int):
+        "All of `split` in order, in chunks, on the device"
+        for i in range(0, len(self.x[split]), self.chunk): yield self.batch(split, slice(i, i + self.chunk))
+
+    def sample(self, n:int, seed:int):
+        "Features of `n` random training rows (a seeded draw, not the global RNG), in chunks, on the device"
+        idx = torch.randperm(len(self.x[0]), generator=torch.Generator().manual_seed(seed))[:n]
+        for i in range(0, len(idx), self.chunk): yield self.batch(0, idx[i:i + self.chunk])[0]
+
+    def advance(self, block:nn.Module):
+        "Replace the features by `block`'s output on them (eval mode, no gradient)"
+        was, c = block.training, self.chunk; block.eval()
+        run = lambda x: block(x.to(self.device, torch.float32)).to('cpu', self.dtype)
+        with torch.no_grad():
+            for s, f in enumerate(self.x):
+                if not len(f): continue
+                y = run(f[:c])
+                # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
+                # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
+                dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.dtype)
+                dst[:len(y)] = y
+                for i in range(c, len(f), c): dst[i:i+c] = run(f[i:i+c])
+                self.x[s] = dst
+        block.train(was)
+        return self
+
+
 # %% ../nbs/02_boost.ipynb #c016ca
-@patch
-def _build_cache(self:BoostResNetCallback):
-    "Inputs of block 0 for the whole training and validation sets, through the validation-time (deterministic) transforms"
-    learn, xs, ys = self.learner, [], []
-    for dl in (learn.dls.train, learn.dls.valid):
-        xx, yy = [], []
-        for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', self.cache_dtype)); yy.append(y.detach().cpu())
-        xs.append(torch.cat(xx) if xx else xs[0][:0]); ys.append(torch.cat(yy) if yy else ys[0][:0])   # no validation set: empty
-    self._feats, self._ys = xs, ys
-    bs, tdl = learn.dls.train.bs, learn.dls.train
-    ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
-    self._train_idx = DataLoader(ds(len(ys[0])), bs=bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=self.device)
-    self._valid_idx = DataLoader(ds(len(ys[1])), bs=learn.dls.valid.bs, shuffle=False, device=self.device)
-    if len(self._train_idx) != len(tdl):
-        raise RuntimeError(f"the cached loader has {len(self._train_idx)} batches per epoch, the learner's {len(tdl)}: use cache=False")
-
-@patch
-def _advance_cache(self:BoostResNetCallback, k):
-    "Replace the cache of block k-1's inputs by block k's inputs (block k-1 run once over the data)"
-    b = self.blocks[k-1]
-    was = b.training; b.eval()
-    out = []
-    run = lambda x: b(x.to(self.device, torch.float32)).to('cpu', self.cache_dtype)
-    with torch.no_grad():
-        for f in self._feats:
-            if not len(f): out.append(f); continue
-            y = run(f[:256])
-            # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
-            # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
-            dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.cache_dtype)
-            dst[:len(y)] = y
-            for i in range(256, len(f), 256): dst[i:i+256] = run(f[i:i+256])
-            out.append(dst)
-    b.train(was)
-    self._feats = out
-
 @patch
 def _exact_bn(self:BoostResNetCallback):
     "The trained block's BatchNorm statistics as the average over its inputs on `bn_samples` random training images"
-    if self.do_cache:
-        f = self._feats[0]
-        idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(self.k))[:self.bn_samples]
-        src, bs = (f[idx[i:i+256]].to(self.device, torch.float32) for i in range(0, len(idx), 256)), 256
+    if self.do_cache: src, bs = self._features.sample(self.bn_samples, seed=self.k), FeatureCache.chunk
     else: src, bs = _eval_batches(self.learner.dls.train, shuffle=True), self.learner.dls.train.bs
     was = self.stage.training; self.stage.train()   # the prefix stays in eval mode; the pass stops at the block
     try:   # closing: the loader's validation-time split is undone now, not when the generator is collected
@@ -505,16 +516,12 @@ def _exact_bn(self:BoostResNetCallback):
 @patch
 def _train_batches(self:BoostResNetCallback):
     "The whole training set once, in order, un-augmented: the cached features, else the validation-time pipeline"
-    if self.do_cache:
-        f, y = self._feats[0], self._ys[0]
-        for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
+    if self.do_cache: yield from self._features.batches(0)
     else: yield from _eval_batches(self.learner.dls.train)
 
 @patch
 def _valid_batches(self:BoostResNetCallback):
-    if self.do_cache:
-        f, y = self._feats[1], self._ys[1]
-        for i in range(0, len(f), 256): yield f[i:i+256].to(self.device, torch.float32), y[i:i+256].to(self.device)
+    if self.do_cache: yield from self._features.batches(1)
     else:
         for x, y in self.learner.dls.valid: yield x, y
 
@@ -562,7 +569,7 @@ def _apply_checkpoint(self:BoostResNetCallback, ck):
         raise CancelFitException(f"checkpoint {self.checkpoint_file}: every block is trained already; its weights are loaded")
     self._skip_to = self.ends[k-1]
     if self.do_cache:
-        for j in range(1, k): self._advance_cache(j)   # _start_stage(k) runs block k-1
+        for j in range(k-1): self._features.advance(self.blocks[j])   # _start_stage(k) runs block k-1
     return k
 
 
