@@ -174,7 +174,7 @@ class FreezeOutCallback(Restores, Callback):
         frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
         bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
         tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
-        window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training)
+        window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training, at least 10)
         warmup:float=0.,       # fixed t0: fraction of training over which every learning rate rises linearly from 0 before its cosine
     ):
         if t0 != 'auto': _check_args(t0, schedule)
@@ -383,7 +383,7 @@ def fit_freezeout(self:Learner,
 @patch
 def plot(self:FreezeOutCallback,
     figsize=(11, 3.5),  # size of the figure (two panels)
-    smooth:int=None,    # iterations in the rolling median of the measured times (default: 2% of training)
+    smooth:int=None,    # iterations in the rolling median of the measured times (default: 2% of training, at least 10)
 ):
     "Each block's learning rate (t0='auto': its movement still ahead) over training, and each iteration's measured time against the cost model's prediction"
     if self.report is None: raise ValueError("Nothing to plot: fit with this callback first (it does nothing in `lr_find`)")
@@ -426,7 +426,7 @@ def _check_auto(tol, window):
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol={tol!r}: the share of a block's movement still ahead below which it freezes, in [0, 1) (0: never)")
     if window is not None and not (isinstance(window, int) and window >= 1):
-        raise ValueError(f"window={window!r}: iterations between checks, an int >= 1 (None: 2% of training)")
+        raise ValueError(f"window={window!r}: iterations between checks, an int >= 1 (None: 2% of training, at least 10)")
 
 def _flat(b): return torch.cat([p.detach().flatten() for p in b.parameters()])
 
@@ -439,7 +439,7 @@ def _lr_ahead(lrn, T):
 @patch
 def _auto_start(self:FreezeOutCallback, lrn, blocks, T):
     n = len(blocks)
-    self.n_window = self.window or max(1, T//50)
+    self.n_window = self.window or max(10, T//50)   # a check costs about one pass over the weights: <= 1% of the steps at 10
     self._ahead, self._lr_sum, self._w0 = _lr_ahead(lrn, T), 0., None
     self._prev, self._moved, self.anneal_iter, self.checks = [_flat(b) for b in blocks], np.zeros(n), [None]*n, []
     self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks], params=[sum(p.numel() for p in b.parameters()) for b in blocks],
