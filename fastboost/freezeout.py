@@ -355,7 +355,7 @@ class FreezeOutCallback(Restores, Callback):
         # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
         if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
         lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
-        self._untracked = []
+        self._untracked, self._prev, self._w0 = [], None, None   # 'auto': its copy of the weights is not kept after the fit
 
 # %% ../nbs/03_freezeout.ipynb #c016
 @patch
