@@ -150,6 +150,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
     return p
 
+# %% ../nbs/05_bench.ipynb #c020b
 def _given(argv):
     "Names of the options the command line `argv` sets itself"
     p = bench_parser()
@@ -507,6 +508,7 @@ def _job(job, cfg, out, resume, spawn, name=None):
         save_atomic(dict(settings=settings, result=r), f, fmt='json')
     return r, None
 
+# %% ../nbs/05_bench.ipynb #c035m
 def _memory_check(res, cfg, out, resume, spawn):
     "The block-wise phase again, under a CUDA cap of `memory_check` x e2e's measured peak: passed if it finishes"
     frac = cfg['memory_check']
@@ -530,6 +532,7 @@ def _memory_check_line(chk):
     return (f"Memory check: passed, the block-wise phase finished under a cap of {chk['cap_mb']:g} MB ({chk['fraction']:g} x "
             f"e2e's {chk['e2e_peak_mb']:g} MB); its peak {chk['peak_mb']:g} MB.")
 
+# %% ../nbs/05_bench.ipynb #c035r
 def run_bench(
     args:argparse.Namespace, # from `parse_args`
     spawn:bool=True,         # each job in its own process (False: in this one, for quick tests; memory is then shared)

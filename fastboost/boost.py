@@ -213,57 +213,14 @@ class BoostResNetCallback(Restores, Callback):
         self.restore()  # a previous fit that died without after_fit
         if any(isinstance(cb, LRFinder) for cb in self.learn.cbs) or not hasattr(self.learn, 'opt') or self.learn.opt is None:
             self.run = False; return
-        others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, ParamScheduler)]
-        if others: raise ValueError(f"BoostResNetCallback schedules the learning rate of each stage itself, but {others} "
-                                    f"also sets it: call `learn.fit(n_epoch, lr, cbs=BoostResNetCallback())`, not fit_one_cycle/fit_flat_cos")
-        if self.loss_type == 'boost' and not _is_classification(self.learn.loss_func):
-            raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
-                             f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
-        check_alone(self, self.learn.cbs)
-        if isinstance(self.learn.opt_func, OptimWrapper):
-            raise ValueError("BoostResNetCallback builds an optimizer for each block's stage: pass `opt_func` as a function "
-                             "(e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`), not an `OptimWrapper` instance")
-        has_valid = _n_batches(self.learn.dls.valid) > 0
-        if not has_valid and self.stop == 'plateau':
-            raise ValueError(f"stop='plateau' watches each stage on the validation set, but the DataLoaders have no "
-                             f"validation batches: give them a validation set (e.g. `valid_pct=0.2`) or use stop=None")
+        has_valid = self._check_fit()
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
-        self._dt = distributed_trainer(learn.cbs)
-        self.user_model = learn.model
-        body, self.final_head = _split_model(self.user_model)
-        self.blocks = body_blocks(body)
-        n_iter = len(learn.dls.train)
-        if self._dt is not None and type(learn.dls.train).__name__ != 'DistributedDL':
-            n_iter = math.ceil(n_iter / num_distrib())   # DistributedTrainer (order 11) splits the batches after us
-        total = n_iter * learn.n_epoch
-        self.device = next(self.user_model.parameters()).device
-        self.do_cache = _deterministic(learn.dls.train) if self.cache == 'auto' else bool(self.cache)
-        # what we change, to put back in after_fit
-        self._saved = dict(model=self.user_model, opt=learn.opt, loss_func=learn.loss_func,
-                           grads={p: p.requires_grad for p in self.user_model.parameters()},
-                           modes={m: m.training for m in self.user_model.modules()},
-                           devices={p: p.device for p in self.user_model.parameters()})
+        self._take_model(learn)
+        self._save_learner(learn)   # what we change, to put back in after_fit
         self._active = True
-        # shapes of each block's output, from one validation batch (a training batch when there is no validation set)
-        x1 = (learn.dls.valid if has_valid else learn.dls.train).one_batch()[0][:2].to(self.device)
-        xb = x1
-        with torch.no_grad():
-            self.user_model.eval(); shapes = []
-            for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
-        n_out = self.final_head(xb).shape[-1]
-        self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
-        K = len(self.blocks)
-        if isinstance(self.budget, str):
-            if self.budget not in ('equal', 'flops'): raise ValueError(f"budget must be 'equal', 'flops' or a list, got {self.budget!r}")
-            w = block_flops(self.blocks, x1[:1], backward=True) if self.budget == 'flops' else None
-            self.iters = split_budget(total, K, w)
-        else:
-            b = list(self.budget)
-            if len(b) != K: raise ValueError(f"budget lists {len(b)} stages for {K} blocks")
-            ints = all(isinstance(v, (int, np.integer)) for v in b) and sum(b) == total
-            self.iters = b if ints else split_budget(total, K, b)  # iterations summing to the total, else weights
-        self.ends, self._iters0 = np.cumsum(self.iters).tolist(), list(self.iters)
+        x1 = self._build_heads(learn, has_valid)
+        self._set_budget(self._total_iters(learn), x1)
         self.lr_max = learn.opt.hypers[-1]['lr']
         self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
@@ -278,20 +235,95 @@ class BoostResNetCallback(Restores, Callback):
 
     def after_fit(self): self.restore(ddp_shell=True)
 
-    def _undo(self, ddp_shell=False):
-        "Put back the user's model, optimizer, loss, requires_grad flags, train/eval modes and devices"
-        sv, learn = self._saved, self.learner
-        for p, g in sv['grads'].items(): p.requires_grad_(g)
-        for m, t in sv['modes'].items(): m.training = t
-        for p, d in sv['devices'].items():
-            if p.device != d: p.data = p.data.to(d)
-        learn.model, learn.opt, learn.loss_func = sv['model'], sv['opt'], sv['loss_func']
-        # DistributedTrainer.after_fit (order 11, after ours) unwraps `learn.model.module`
-        if ddp_shell and self._dt is not None and self._dt in learn.cbs: learn.model = _Unwrapped(sv['model'])
-        fc = getattr(self, '_features', None)
-        if fc is not None and getattr(learn, 'dl', None) in fc.loaders: learn.dl = None
-        self._features = None
+# %% ../nbs/02_boost.ipynb #c016su
+@patch
+def _check_fit(self:BoostResNetCallback) -> bool:
+    "Refuse what cannot work, before anything changes; whether the DataLoaders have validation batches"
+    others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, ParamScheduler)]
+    if others: raise ValueError(f"BoostResNetCallback schedules the learning rate of each stage itself, but {others} "
+                                f"also sets it: call `learn.fit(n_epoch, lr, cbs=BoostResNetCallback())`, not fit_one_cycle/fit_flat_cos")
+    if self.loss_type == 'boost' and not _is_classification(self.learn.loss_func):
+        raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
+                         f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
+    check_alone(self, self.learn.cbs)
+    if isinstance(self.learn.opt_func, OptimWrapper):
+        raise ValueError("BoostResNetCallback builds an optimizer for each block's stage: pass `opt_func` as a function "
+                         "(e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`), not an `OptimWrapper` instance")
+    has_valid = _n_batches(self.learn.dls.valid) > 0
+    if not has_valid and self.stop == 'plateau':
+        raise ValueError(f"stop='plateau' watches each stage on the validation set, but the DataLoaders have no "
+                         f"validation batches: give them a validation set (e.g. `valid_pct=0.2`) or use stop=None")
+    return has_valid
 
+@patch
+def _take_model(self:BoostResNetCallback, learn):
+    "The user's model as the body's blocks and the head (another kind of model is refused here, before anything changes), its device, whether to cache"
+    self._dt = distributed_trainer(learn.cbs)
+    self.user_model = learn.model
+    body, self.final_head = _split_model(self.user_model)
+    self.blocks = body_blocks(body)
+    self.device = next(self.user_model.parameters()).device
+    self.do_cache = _deterministic(learn.dls.train) if self.cache == 'auto' else bool(self.cache)
+
+@patch
+def _total_iters(self:BoostResNetCallback, learn) -> int:
+    "Training iterations of the fit, as this process runs them"
+    n_iter = len(learn.dls.train)
+    if self._dt is not None and type(learn.dls.train).__name__ != 'DistributedDL':
+        n_iter = math.ceil(n_iter / num_distrib())   # DistributedTrainer (order 11) splits the batches after us
+    return n_iter * learn.n_epoch
+
+@patch
+def _save_learner(self:BoostResNetCallback, learn):
+    "Keep what the fit changes (model, optimizer, loss, requires_grad flags, train/eval modes, devices), for `_undo`"
+    self._saved = dict(model=self.user_model, opt=learn.opt, loss_func=learn.loss_func,
+                       grads={p: p.requires_grad for p in self.user_model.parameters()},
+                       modes={m: m.training for m in self.user_model.modules()},
+                       devices={p: p.device for p in self.user_model.parameters()})
+
+@patch
+def _build_heads(self:BoostResNetCallback, learn, has_valid) -> torch.Tensor:
+    "A classifier for every block but the last (which keeps the model's own), sized by each block's output on one batch; returns that batch's first two images"
+    # shapes of each block's output, from one validation batch (a training batch when there is no validation set)
+    x1 = (learn.dls.valid if has_valid else learn.dls.train).one_batch()[0][:2].to(self.device)
+    xb = x1
+    with torch.no_grad():
+        self.user_model.eval(); shapes = []
+        for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
+    n_out = self.final_head(xb).shape[-1]
+    self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
+    return x1
+
+@patch
+def _set_budget(self:BoostResNetCallback, total, x1):
+    "Each stage's iterations (`budget`), `total` in all; `budget='flops'` weighs the blocks by their cost on one image of `x1`"
+    K = len(self.blocks)
+    if isinstance(self.budget, str):
+        if self.budget not in ('equal', 'flops'): raise ValueError(f"budget must be 'equal', 'flops' or a list, got {self.budget!r}")
+        w = block_flops(self.blocks, x1[:1], backward=True) if self.budget == 'flops' else None
+        self.iters = split_budget(total, K, w)
+    else:
+        b = list(self.budget)
+        if len(b) != K: raise ValueError(f"budget lists {len(b)} stages for {K} blocks")
+        ints = all(isinstance(v, (int, np.integer)) for v in b) and sum(b) == total
+        self.iters = b if ints else split_budget(total, K, b)  # iterations summing to the total, else weights
+    self.ends, self._iters0 = np.cumsum(self.iters).tolist(), list(self.iters)
+
+# %% ../nbs/02_boost.ipynb #c016un
+@patch
+def _undo(self:BoostResNetCallback, ddp_shell=False):
+    "Put back the user's model, optimizer, loss, requires_grad flags, train/eval modes and devices"
+    sv, learn = self._saved, self.learner
+    for p, g in sv['grads'].items(): p.requires_grad_(g)
+    for m, t in sv['modes'].items(): m.training = t
+    for p, d in sv['devices'].items():
+        if p.device != d: p.data = p.data.to(d)
+    learn.model, learn.opt, learn.loss_func = sv['model'], sv['opt'], sv['loss_func']
+    # DistributedTrainer.after_fit (order 11, after ours) unwraps `learn.model.module`
+    if ddp_shell and self._dt is not None and self._dt in learn.cbs: learn.model = _Unwrapped(sv['model'])
+    fc = getattr(self, '_features', None)
+    if fc is not None and getattr(learn, 'dl', None) in fc.loaders: learn.dl = None
+    self._features = None
 
 # %% ../nbs/02_boost.ipynb #c016st
 @patch

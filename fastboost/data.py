@@ -78,6 +78,7 @@ class ClassIndex(ItemTransform):
     def encodes(self, o): return TensorCategory(o[-1] if isinstance(o, (tuple, list)) else o)
     def decodes(self, o): return Category(self.vocab[o])
 
+# %% ../nbs/00_data.ipynb #c006d0
 class _TensorDatasets(Datasets):
     "fastai `Datasets` over an image tensor and a label tensor; its `items` are (image, label) pairs, as fastai's `Interpretation` takes them"
     @property
@@ -117,6 +118,7 @@ def _tensors(ds):
          isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     return (a, b) if ok else None
 
+# %% ../nbs/00_data.ipynb #c006l
 class TensorDL(TfmdDL):
     "A `TfmdDL` that indexes the tensors of a `tensor_dataset` once per batch, not once per item"
     def create_batches(self, samps): # item indices in fastai's sampling order

@@ -162,6 +162,7 @@ def _ddp_like(ddp, dt=None):
     if h is not None: h.register_comm_hook(new)
     return new
 
+# %% ../nbs/03_freezeout.ipynb #c014c
 class FreezeOutCallback(Restores, Callback):
     "FreezeOut (Brock et al. 2017): each block's learning rate annealed to zero, then the block frozen for real; at fixed times or (`t0='auto'`) once it has settled"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
@@ -199,14 +200,7 @@ class FreezeOutCallback(Restores, Callback):
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "
                                    "block; train for more epochs or use a smaller batch size")
-        self.auto = self.t0 == 'auto'
-        self.times = [1.]*n if self.auto else freeze_times(n, self.t0, self.schedule)   # 'auto': decided during the fit
-        self.iters = freeze_iters(self.times, T)
-        self.base_lr = lrn.opt.hypers[-1]['lr']
-        # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
-        self.scaled = None if self.auto else 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
-        self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
-        hypers = dict(lrn.opt.hypers[-1])
+        self._plan_freezes(lrn, n, T)
         # everything checked: from here on we change the learner, and `restore` undoes it
         self.learner, self.blocks, self.total_iters = lrn, blocks, T
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
@@ -214,53 +208,14 @@ class FreezeOutCallback(Restores, Callback):
         self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
         self._active = True
         if self.auto: self._auto_start(lrn, blocks, T); return   # the learner's own optimizer and schedule: nothing to swap
-        splitter = lrn.splitter
-        try: lrn.splitter = block_splitter; lrn.create_opt()
-        finally: lrn.splitter = splitter
-        self.n_groups = len(lrn.opt.param_lists)
-        for h,v in hypers.items():   # what `fit` or the user set on the old optimizer (wd, mom, ...), as is: no `L()` of tuples/None
-            if h != 'lr' and lrn.opt.hypers[-1].get(h, None) != v: lrn.opt._set_hyper(h, [v]*self.n_groups)
-        # the learner's optimizer state (momentum, ...) carries on, as in any fastai fit; `learn.save` during the fit
-        # (`SaveModelCallback`) writes it in the learner's own layout, so `learn.load` reads it back to resume
-        _move_state(self._old_opt, lrn.opt)
-        _save_as(lrn.opt, self._old_opt)
+        self._per_block_opt(lrn)
         self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks],
                                         params=[sum(p.numel() for p in b.parameters()) for b in blocks],
                                         t_freeze=self.times, freeze_iter=self.iters, lr0=self.block_lr0))
         self.speedup = {}
 
-    def _check_fit(self, lrn):
-        "Refuse what cannot work, before anything changes"
-        sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
-        if self.t0 == 'auto':
-            if any(getattr(c, '_skip_to', 0) for c in lrn.cbs if type(c).__name__ == 'SkipToEpoch'):   # fit(..., start_epoch=)
-                raise ValueError("FreezeOutCallback(t0='auto') cannot resume a fit (`start_epoch`): its freeze decisions "
-                                 "depend on the weights' whole history, which is not saved. Fit from the start, or resume "
-                                 "with a fixed t0 (e.g. the freeze times in `cb.report.t_freeze`)")
-        elif sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
-                                 "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
-        if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
-            raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
-        check_alone(self, lrn.cbs)   # BoostResNet (order -9) has already swapped in its stage model: it is put back first
-        if isinstance(lrn.opt_func, OptimWrapper):
-            raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
-                             "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
-        self._dt = distributed_trainer(lrn.cbs)
-        m = lrn.model
-        if isinstance(m, DistributedDataParallel) and self._dt is None and not m.find_unused_parameters:
-            raise ValueError("learn.model is a DistributedDataParallel built outside fastai's `distrib_ctx`/`to_distributed`: "
-                             "FreezeOut cannot rebuild it with your settings when a block freezes. Train inside "
-                             "`learn.distrib_ctx()`, or build it with find_unused_parameters=True")
-
     def before_train(self):
         for b in self.blocks[:self.n_frozen]: self._frozen_mode(b)   # `TrainEvalCallback` just put the whole model in train mode
-
-    def _frozen_mode(self, b):
-        "Eval mode for a frozen block, but with `frozen_bn='batch'` its BatchNorm layers keep normalizing with batch statistics"
-        b.eval()
-        if self.frozen_bn == 'eval': return
-        for m in b.modules():
-            if isinstance(m, _BatchNorm): m.train()   # `track_running_stats=False` (`_freeze`): batch statistics, nothing updated
 
     def before_batch(self):
         self.it = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
@@ -285,77 +240,147 @@ class FreezeOutCallback(Restores, Callback):
     def after_fit(self):
         if self._active: self._finish(); self.restore()
 
-    def _now(self):
-        if self.dls.device is not None and torch.device(self.dls.device).type == 'cuda': torch.cuda.synchronize()
-        return time.perf_counter()
+# %% ../nbs/03_freezeout.ipynb #c014d
+@patch
+def _check_fit(self:FreezeOutCallback, lrn):
+    "Refuse what cannot work, before anything changes"
+    sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
+    if self.t0 == 'auto':
+        if any(getattr(c, '_skip_to', 0) for c in lrn.cbs if type(c).__name__ == 'SkipToEpoch'):   # fit(..., start_epoch=)
+            raise ValueError("FreezeOutCallback(t0='auto') cannot resume a fit (`start_epoch`): its freeze decisions "
+                             "depend on the weights' whole history, which is not saved. Fit from the start, or resume "
+                             "with a fixed t0 (e.g. the freeze times in `cb.report.t_freeze`)")
+    elif sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
+                             "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
+    if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
+        raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
+    check_alone(self, lrn.cbs)   # BoostResNet (order -9) has already swapped in its stage model: it is put back first
+    if isinstance(lrn.opt_func, OptimWrapper):
+        raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
+                         "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
+    self._dt = distributed_trainer(lrn.cbs)
+    m = lrn.model
+    if isinstance(m, DistributedDataParallel) and self._dt is None and not m.find_unused_parameters:
+        raise ValueError("learn.model is a DistributedDataParallel built outside fastai's `distrib_ctx`/`to_distributed`: "
+                         "FreezeOut cannot rebuild it with your settings when a block freezes. Train inside "
+                         "`learn.distrib_ctx()`, or build it with find_unused_parameters=True")
 
-    def _freeze(self, i):
-        "Freeze block `i`: out of autograd and the optimizer's updates, BatchNorm statistics fixed"
-        b = self.blocks[i]
-        if self.bn_samples: self._exact_bn(b)
-        self._modes[i] = [(m, m.training) for m in b.modules()]
-        if self.frozen_bn == 'batch':
-            bns = [m for m in b.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-            for m in bns: m.track_running_stats = False
-            self._untracked += bns
-        self._frozen_mode(b)
-        for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
-        self.n_frozen = i+1
-        if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.it, None
+@patch
+def _plan_freezes(self:FreezeOutCallback, lrn, n, T):
+    "Each block's freeze time and iteration, and the learning rate it starts at (with `t0='auto'` the freeze times are decided during the fit)"
+    self.auto = self.t0 == 'auto'
+    self.times = [1.]*n if self.auto else freeze_times(n, self.t0, self.schedule)   # 'auto': decided during the fit
+    self.iters = freeze_iters(self.times, T)
+    self.base_lr = lrn.opt.hypers[-1]['lr']
+    # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
+    self.scaled = None if self.auto else 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
+    self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
 
-    def _exact_bn(self, b):
-        "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
-        dl = self.dls.train
-        dl = getattr(dl, 'dl', dl) if type(dl).__name__ == 'DistributedDL' else dl   # each process its own batches
-        batches = itertools.islice(dl.new(shuffle=True, drop_last=False), max(1, math.ceil(self.bn_samples/dl.bs)))
-        with _rng_kept(): exact_bn_stats(get_model(self.learn.model), b, batches)   # the fit's own draws as without it
+@patch
+def _per_block_opt(self:FreezeOutCallback, lrn):
+    "Swap in an optimizer with one parameter group per block and one for the head (`block_splitter`), with the fit's hyper-parameters and the learner's optimizer state"
+    hypers = dict(lrn.opt.hypers[-1])
+    splitter = lrn.splitter
+    try: lrn.splitter = block_splitter; lrn.create_opt()
+    finally: lrn.splitter = splitter
+    self.n_groups = len(lrn.opt.param_lists)
+    for h,v in hypers.items():   # what `fit` or the user set on the old optimizer (wd, mom, ...), as is: no `L()` of tuples/None
+        if h != 'lr' and lrn.opt.hypers[-1].get(h, None) != v: lrn.opt._set_hyper(h, [v]*self.n_groups)
+    # the learner's optimizer state (momentum, ...) carries on, as in any fastai fit; `learn.save` during the fit
+    # (`SaveModelCallback`) writes it in the learner's own layout, so `learn.load` reads it back to resume
+    _move_state(self._old_opt, lrn.opt)
+    _save_as(lrn.opt, self._old_opt)
 
-    def _rewrap(self):
-        "DDP registers the parameters that require grad when it is built: build it again now that blocks are frozen"
-        t = time.perf_counter()
-        if self._ddp0 is None: self._ddp0 = self.learn.model   # the one `DistributedTrainer` built, put back by `restore`
-        self.learn.model = self._ddp = _ddp_like(self.learn.model, self._dt)
-        self._rewrap_s.append(time.perf_counter() - t)
+# %% ../nbs/03_freezeout.ipynb #c014f
+@patch
+def _check_finite(self:FreezeOutCallback):
+    "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
+    bad = nonfinite(get_model(self.learn.model).state_dict().items())
+    if bad is None: self._checked = self.it; return
+    stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.it} (the loss "
+           f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
+           f"frozen so far are intact; the others and the head are not: load a checkpoint (`SaveModelCallback`) and "
+           f"lower the learning rate or clip gradients (`GradientClip`). `TerminateOnNaNCallback` stops at the NaN batch.")
 
-    def _check_finite(self):
-        "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
-        bad = nonfinite(get_model(self.learn.model).state_dict().items())
-        if bad is None: self._checked = self.it; return
-        stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.it} (the loss "
-               f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
-               f"frozen so far are intact; the others and the head are not: load a checkpoint (`SaveModelCallback`) and "
-               f"lower the learning rate or clip gradients (`GradientClip`). `TerminateOnNaNCallback` stops at the NaN batch.")
+@patch
+def _frozen_mode(self:FreezeOutCallback, b):
+    "Eval mode for a frozen block, but with `frozen_bn='batch'` its BatchNorm layers keep normalizing with batch statistics"
+    b.eval()
+    if self.frozen_bn == 'eval': return
+    for m in b.modules():
+        if isinstance(m, _BatchNorm): m.train()   # `track_running_stats=False` (`_freeze`): batch statistics, nothing updated
 
-    def _cost_model(self):
-        x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
-        m = get_model(self.learn.model)   # not through DDP: no gradient all-reduce for the cost probe
-        self._costs = stage_costs(self.blocks, x, m if len(x) > 1 else None, self.cost)
-        n, u = len(self.blocks), '_flops' if self.cost == 'flops' else '_s'
-        self.report['fwd'+u] = self._costs.fwd[:n].to_numpy()
-        self.report['bwd'+u] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
-        self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
+@patch
+def _freeze(self:FreezeOutCallback, i):
+    "Freeze block `i`: out of autograd and the optimizer's updates, BatchNorm statistics fixed"
+    b = self.blocks[i]
+    if self.bn_samples: self._exact_bn(b)
+    self._modes[i] = [(m, m.training) for m in b.modules()]
+    if self.frozen_bn == 'batch':
+        bns = [m for m in b.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m in bns: m.track_running_stats = False
+        self._untracked += bns
+    self._frozen_mode(b)
+    for p in b.parameters(): p.requires_grad_(False); p.grad = None   # fastai and torch optimizers skip grad=None
+    self.n_frozen = i+1
+    if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.it, None
 
-    def _finish(self):
-        if self._rewrap_s: self.speedup.update(ddp_rewraps=len(self._rewrap_s), ddp_rewrap_s=sum(self._rewrap_s))
-        if self.auto and self._costs is not None: self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
-        ts = np.array(self._times)
-        if not self.timing or len(ts) < self.total_iters or self.iters[0] < 2: return
-        base = np.median(ts[1:self.iters[0]])   # iterations before the first freeze, the first one (warm-up) left out
-        self.speedup.update(measured=1 - ts.sum()/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=ts.sum())
+@patch
+def _exact_bn(self:FreezeOutCallback, b):
+    "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
+    dl = self.dls.train
+    dl = getattr(dl, 'dl', dl) if type(dl).__name__ == 'DistributedDL' else dl   # each process its own batches
+    batches = itertools.islice(dl.new(shuffle=True, drop_last=False), max(1, math.ceil(self.bn_samples/dl.bs)))
+    with _rng_kept(): exact_bn_stats(get_model(self.learn.model), b, batches)   # the fit's own draws as without it
 
-    def _undo(self):
-        "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer (with its state), the DDP wrapper"
-        lrn, opt = self.learner, self.learner.opt
-        for p,rg in self._rg: p.requires_grad_(rg)
-        for m in self._untracked: m.track_running_stats = True
-        if lrn.model.training:   # interrupted mid-epoch: the blocks go back to the modes they had when frozen
-            for ms in self._modes.values():
-                for m,t in ms: m.train(t)
-        if opt is not self._old_opt: _move_state(opt, self._old_opt)
-        # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
-        if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
-        lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
-        self._untracked, self._prev, self._w0 = [], None, None   # 'auto': its copy of the weights is not kept after the fit
+@patch
+def _rewrap(self:FreezeOutCallback):
+    "DDP registers the parameters that require grad when it is built: build it again now that blocks are frozen"
+    t = time.perf_counter()
+    if self._ddp0 is None: self._ddp0 = self.learn.model   # the one `DistributedTrainer` built, put back by `restore`
+    self.learn.model = self._ddp = _ddp_like(self.learn.model, self._dt)
+    self._rewrap_s.append(time.perf_counter() - t)
+
+# %% ../nbs/03_freezeout.ipynb #c014t
+@patch
+def _now(self:FreezeOutCallback):
+    if self.dls.device is not None and torch.device(self.dls.device).type == 'cuda': torch.cuda.synchronize()
+    return time.perf_counter()
+
+@patch
+def _cost_model(self:FreezeOutCallback):
+    x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
+    m = get_model(self.learn.model)   # not through DDP: no gradient all-reduce for the cost probe
+    self._costs = stage_costs(self.blocks, x, m if len(x) > 1 else None, self.cost)
+    n, u = len(self.blocks), '_flops' if self.cost == 'flops' else '_s'
+    self.report['fwd'+u] = self._costs.fwd[:n].to_numpy()
+    self.report['bwd'+u] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
+    self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
+
+@patch
+def _finish(self:FreezeOutCallback):
+    if self._rewrap_s: self.speedup.update(ddp_rewraps=len(self._rewrap_s), ddp_rewrap_s=sum(self._rewrap_s))
+    if self.auto and self._costs is not None: self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
+    ts = np.array(self._times)
+    if not self.timing or len(ts) < self.total_iters or self.iters[0] < 2: return
+    base = np.median(ts[1:self.iters[0]])   # iterations before the first freeze, the first one (warm-up) left out
+    self.speedup.update(measured=1 - ts.sum()/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=ts.sum())
+
+# %% ../nbs/03_freezeout.ipynb #c014u
+@patch
+def _undo(self:FreezeOutCallback):
+    "Undo what FreezeOut changed: trainability, modes of the frozen blocks, the learner's optimizer (with its state), the DDP wrapper"
+    lrn, opt = self.learner, self.learner.opt
+    for p,rg in self._rg: p.requires_grad_(rg)
+    for m in self._untracked: m.track_running_stats = True
+    if lrn.model.training:   # interrupted mid-epoch: the blocks go back to the modes they had when frozen
+        for ms in self._modes.values():
+            for m,t in ms: m.train(t)
+    if opt is not self._old_opt: _move_state(opt, self._old_opt)
+    # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
+    if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
+    lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
+    self._untracked, self._prev, self._w0 = [], None, None   # 'auto': its copy of the weights is not kept after the fit
 
 # %% ../nbs/03_freezeout.ipynb #c016
 @patch
