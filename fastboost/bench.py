@@ -112,9 +112,12 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-epochs', type=int, default=1, help="BoostResNet epochs per block")
     a('--ft-epochs', type=int, help="boost+e2e fine-tuning epochs (default: a quarter of --epochs, at least 1)")
     a('--cycles', type=int, help="snapshot cycles (default: min(5, epochs))")
-    a('--snap-first', type=float, help="snapshots: the first cycle's share of the budget (FGE/SWA-style; default: equal cycles, the paper)")
-    a('--snap-restart-lr', type=float, default=1., help="snapshots: peak of the later cycles as a fraction of --lr (the paper: 1)")
-    a('--snap-warmup', type=float, default=0., help="snapshots: linear warm-up before the first cycle, as a fraction of the budget")
+    a('--snap-first', type=float, help="snapshots: the first cycle's share of the budget (default: SnapshotEnsembleCallback's)")
+    a('--snap-restart-lr', type=float, help="snapshots: peak of the later cycles as a fraction of --lr (default: SnapshotEnsembleCallback's)")
+    a('--snap-warmup', type=float, help="snapshots: linear warm-up before the first cycle, as a fraction of the budget (default: SnapshotEnsembleCallback's)")
+    a('--snap-paper', action='store_true', help="snapshots: the paper's schedule (equal cycles from the full rate, no warm-up) instead of the default")
+    a('--holdout', type=float, default=0., help="fraction of the training images held out (seeded) from every arm; the snapshot arm "
+      "chooses its ensemble's members on it (`cb.select`) and reports that ensemble and its weight average")
     a('--t0', type=_t0, default=0.8, help="FreezeOut: fraction of training at which the first block freezes (given pre-cubed for cubic, as in the paper), or 'auto': each block when it has settled (under fit_one_cycle)")
     a('--tol', type=float, help="FreezeOut with --t0 auto: the share of a block's movement still ahead below which it freezes (default: FreezeOutCallback's)")
     a('--schedule', choices=['linear', 'squared', 'cubic'], default='cubic', help="FreezeOut: how the freezing times of later blocks grow")
@@ -185,6 +188,9 @@ def parse_args(
     if args.memory_cap is not None and (not args.memory_cap > 0 or not args.device.startswith('cuda')):
         raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
+    if not 0 <= args.holdout < 1: raise BenchError(f"--holdout {args.holdout} is a fraction of the training images, in [0, 1)")
+    if args.snap_paper and any(getattr(args, k) is not None for k in ('snap_first', 'snap_restart_lr', 'snap_warmup')):
+        raise BenchError("--snap-paper is the paper's schedule: give it alone, or --snap-first/--snap-restart-lr/--snap-warmup without it")
     if args.t0 != 'auto' and not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
     get_arch(args.arch)   # fail early on an unknown name
@@ -263,7 +269,7 @@ def _save_plot(cb, path, extra, key):
 @dataclass
 class _Job:
     "What an arm works with"
-    learn: Learner; cfg: dict; arms: list; row: Callable; extra: dict; out: Path; train_dl: object
+    learn: Learner; cfg: dict; arms: list; row: Callable; extra: dict; out: Path; train_dl: object; holdout_dl: object = None
 
 def _arm_e2e(j:_Job):
     "End to end: the literature's SGD + cosine (`fit` + `SchedCos`) or fastai's `fit_one_cycle`"
@@ -305,28 +311,47 @@ def _arm_freezeout(j:_Job):
     _save_plot(cb, j.out/'freezeout.png', j.extra, 'freezeout_plot_error')
     j.row('freezeout')
 
+def _snap_kwargs(c):
+    "The schedule options given for the snapshot arm: the paper's with --snap-paper, else those set, else the callback's defaults"
+    if c['snap_paper']: return dict(first=None, restart_lr=1., warmup=0)
+    return {k: c[f'snap_{k}'] for k in ('first', 'restart_lr', 'warmup') if c[f'snap_{k}'] is not None}
+
 def _arm_snapshot(j:_Job):
-    "Snapshot ensembles: the last snapshot, the ensemble of all, and their weight average (SWA) as three rows"
+    "Snapshot ensembles: the last snapshot, the ensemble of all, the one chosen on --holdout, and the weight average (SWA)"
     c, learn, n = j.cfg, j.learn, j.cfg['cycles']
-    cb = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')(n_cycles=n, first=c['snap_first'],
-            restart_lr=c['snap_restart_lr'], warmup=float(c['snap_warmup'] or 0.))
+    cb = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')(n_cycles=n, **_snap_kwargs(c))
     learn.fit(c['epochs'], c['lr'], cbs=cb)
     ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, n+1)]
-    j.extra.update(snapshot_ensemble=ens, snapshot=_records(cb.report))
+    j.extra.update(snapshot_ensemble=ens, snapshot=_records(cb.report),
+                   snapshot_schedule=dict(n_cycles=n, first=cb.first, restart_lr=cb.restart_lr, warmup=cb.warmup))
     j.row('snapshot', _acc(*cb.get_preds(dl=j.train_dl, last=1)), ens[0][1])
-    if n > 1:
-        j.row(f"snapshot-ens{n}", _acc(*cb.get_preds(dl=j.train_dl, last=n)), ens[-1][1])
-        with warnings.catch_warnings():   # the weight average of the same members, BatchNorm refreshed: 1x inference
-            warnings.simplefilter('ignore'); swa = cb.average_weights(last=n)
-        trained, learn.model = learn.model, swa
-        try: j.row('snapshot-swa')
-        finally: learn.model = trained
     cal = _import_cb('snapshot', 'snapshot', 'calibration_error')
     j.extra['snapshot_calibration'] = {f'ens{m}': dict(nll=_nll(p, t), ece=cal(p, t)) for m in (1, n) for p, t in [cb.get_preds(dl=None, last=m)]}
+    if n == 1: return
+    j.row(f"snapshot-ens{n}", _acc(*cb.get_preds(dl=j.train_dl, last=n)), ens[-1][1])
+    if j.holdout_dl is not None:   # members chosen on held-out training images, never on the test set
+        j.extra['snapshot_selection'] = _records(cb.select(j.holdout_dl))
+        j.extra['snapshot_members'] = [int(k) for k in cb.members]
+        p, t = cb.get_preds()
+        j.extra['snapshot_calibration']['sel'] = dict(nll=_nll(p, t), ece=cal(p, t))
+        j.row('snapshot-sel', _acc(*cb.get_preds(dl=j.train_dl)), _acc(p, t))
+    with warnings.catch_warnings():   # the weight average of the same members (all, or those chosen), BatchNorm refreshed: 1x inference
+        warnings.simplefilter('ignore'); swa = cb.average_weights()
+    trained, learn.model = learn.model, swa
+    try: j.row('snapshot-swa')
+    finally: learn.model = trained
 
 _ARM_FNS = {'e2e': _arm_e2e, 'boost': _arm_boost, 'boost+e2e': _arm_boost, 'freezeout': _arm_freezeout, 'snapshot': _arm_snapshot}
 
 # %% ../nbs/05_bench.ipynb #c028c
+def _hold_out(x, y, frac, seed):
+    "Split a seeded `frac` of the training images off for choosing (not training): (x, y, (x_held, y_held) or None)"
+    if not frac: return x, y, None
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
+    n = int(round(frac * len(x)))
+    if not 0 < n < len(x): raise BenchError(f"--holdout {frac} of {len(x)} training images leaves no images on one side")
+    return x[idx[n:]], y[idx[n:]], (x[idx[:n]], y[idx[:n]])
+
 def run_job(
     arms:list,  # arms trained in this process: one arm, or ['boost', 'boost+e2e'] which share the block-wise phase
     cfg:dict,   # `vars(args)` of `parse_args`
@@ -337,6 +362,7 @@ def run_job(
     if cfg.get('threads'): torch.set_num_threads(cfg['threads'])
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
+    xt, yt, held = _hold_out(xt, yt, cfg.get('holdout', 0.), cfg['seed'])
     mem = PeakMemory(dev).start()
     cap, hist = cfg.get('memory_cap'), cfg.get('memory_history')
     if cap:   # what the allocator may reserve; cuDNN then picks algorithms whose workspace fits
@@ -357,6 +383,7 @@ def run_job(
         elif cfg['bf16'] and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
         ev = _train_eval_idx(len(xt), cfg['seed'])
         train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
+        hold_dl = dls.valid.new(tensor_dataset(*held, dls.vocab, split_idx=1)) if held else None
         clock = _Clock(dev.startswith('cuda')); learn.add_cb(clock)
         tm = TensorMemory(learn.model) if cfg['tensor_memory'] else None
         if tm: learn.add_cb(tm)
@@ -370,7 +397,7 @@ def run_job(
                 res['rows'][-1].update(tensor_mb=round(max(tm.peaks)/2**20, 1), tensor_mb_epochs=[round(p/2**20, 1) for p in tm.peaks])
             if '-ens' not in arm: res['curves'][arm] = list(clock.curve)
         if arms[0] not in _ARM_FNS: raise BenchError(f"unknown arm(s) {arms}")
-        _ARM_FNS[arms[0]](_Job(learn, cfg, arms, row, res['extra'], out, train_dl))
+        _ARM_FNS[arms[0]](_Job(learn, cfg, arms, row, res['extra'], out, train_dl, hold_dl))
     finally:   # also when the job failed (out of memory under --memory-cap): the trace shows where
         if cap: torch.cuda.set_per_process_memory_fraction(1., dev)
         if hist:   # the allocator's trace of the whole job: where its peak was, and the pickle for pytorch.org/memory_viz

@@ -157,45 +157,13 @@ class SnapshotEnsembleCallback(Restores, Callback):
             f"fit(start_epoch={start // n_it}) without resume=True: the snapshots of cycles ending before that epoch are not "
             "kept. Pass SnapshotEnsembleCallback(..., resume=True) to keep those the interrupted fit took")
         # everything checked: from here on the callback changes the learner (`restore` undoes it) and the folder
-        if sdir is not None:
-            sdir.mkdir(parents=True, exist_ok=True)   # on every rank: every rank records the paths of the files rank 0 writes
-            if rank_distrib() == 0:
-                keep = {Path(r['path']).name for r in kept}
-                for p in sdir.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
-                    if p.stem[len(self.fname) + 1:].isdigit() and p.name not in keep: p.unlink()
-                for p in [*sdir.glob(f'.{self.fname}_*.pth.*tmp'), *leftovers(sdir / f'{self.fname}.json')]: p.unlink()   # left by a killed process
-                save_atomic(meta, sdir / f'{self.fname}.json', fmt='json')   # the schedule, for `resume=True` to check
+        if sdir is not None: self._prepare_dir(sdir, kept, meta)
         self._sdir, self._meta = sdir, meta
         self.learner, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
         self._lr0 = lr0
         self.snapshots, self._cache, self.members = kept, {}, None   # new snapshots: `select` again
         self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
         self._active = True
-
-    def _resumed(self, meta, mults, start, sdir) -> list:
-        "Records of the snapshots the interrupted fit took before iteration `start`; raises if one is missing"
-        want = [k + 1 for k, e in enumerate(meta['ends']) if e <= start]
-        if sdir is None:
-            old, recs = self._meta, {s['cycle']: s for s in self.snapshots if s['iter'] <= start}
-            where = ("this callback's memory (save='memory' keeps them in the process and callback that took them: "
-                     "pass that same callback, or use save='disk' to resume in a new process)")
-        else:
-            f = sdir / f'{self.fname}.json'
-            if not f.exists(): raise FileNotFoundError(
-                f"resume=True, but there is no {f}: a fit with save='disk' and fname={self.fname!r} writes it. Check "
-                "learn.path, learn.model_dir and fname, or train from the start without start_epoch")
-            old, where = json.loads(f.read_text()), f"{sdir} (files {self.fname}_k.pth)"
-            recs = {k: dict(cycle=k, iter=meta['ends'][k - 1], epoch=(meta['ends'][k - 1] - 1) // meta['iters_per_epoch'],
-                            lr=meta['lr0'][-1] * mults[meta['ends'][k - 1] - 1], rank=rank_distrib(),
-                            path=sdir / f'{self.fname}_{k}.pth') for k in want if (sdir / f'{self.fname}_{k}.pth').exists()}
-        if old is not None and old != meta: raise ValueError(
-            f"resume=True, but the interrupted fit had another schedule ({old}) than this one ({meta}): resume with the same "
-            "n_epoch, data, batch size, n_cycles, warmup, cycle_mult and lr")
-        miss = [k for k in want if k not in recs]
-        if miss: raise FileNotFoundError(
-            f"resume=True from epoch {start // meta['iters_per_epoch']}: the snapshots of cycle(s) {miss}, which end before it, "
-            f"are not in {where}. Resume from an earlier epoch, or train from the start")
-        return [recs[k] for k in want]
 
     def _iter(self): return self.learn.epoch * self._n_it + self.learn.iter
 
@@ -211,29 +179,6 @@ class SnapshotEnsembleCallback(Restores, Callback):
             self._stop(f"a non-finite training loss ({float(loss.detach().float().mean()):g} on rank {rank_distrib()})", t)
         if t in self._ends: self._take(self._ends.index(t) + 1, t)
 
-    def _take(self, k, t):
-        sd = get_model(self.learn.model).state_dict()
-        if not all_ranks(nonfinite(sd.items()) is None):
-            self._stop("non-finite weights", t)
-        rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
-        if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
-        if rec['rank'] == 0:
-            cpu = {n: v.detach().to('cpu', copy=True) for n, v in sd.items()}
-            if 'path' in rec: save_atomic(cpu, rec['path'])
-            else: rec['state'] = cpu
-        self.snapshots.append(rec)
-        if 'path' in rec and world_size() > 1: dist.barrier()   # the file is written: every rank can load it
-
-    def _stop(self, what, t):
-        "Stop the fit cleanly: no snapshot of this cycle, the earlier ones kept"
-        k = next(i + 1 for i, e in enumerate(self._ends) if t <= e)
-        have = [s['cycle'] for s in self.snapshots]
-        msg = (f"SnapshotEnsembleCallback: {what} at iteration {t}, in cycle {k}: training stopped, no snapshot of cycle {k} "
-               + (f"taken; snapshots {have} are kept and predict. " if have else "taken (and none before it). ")
-               + "learn.model's weights may be non-finite now (`learn.model.load_state_dict(cb.load_snapshot(k))` puts a "
-               "snapshot back). Train again with a lower learning rate, or gradient clipping (fastai's GradientClip).")
-        stop_fit(msg)
-
     def after_fit(self):
         self.restore()
         rec = getattr(self.learn, 'recorder', None)
@@ -244,6 +189,71 @@ class SnapshotEnsembleCallback(Restores, Callback):
     def _undo(self):
         "Put back the learning rate the optimizer had before the fit"
         if self.learner is not None and self.learner.opt is not None: self.learner.opt.set_hyper('lr', self._lr0)
+
+# %% ../nbs/04_snapshot.ipynb #c020b
+@patch
+def _take(self:SnapshotEnsembleCallback, k, t):
+    "Snapshot of cycle `k` after iteration `t`: weights checked, then copied to the CPU or written to disk by rank 0"
+    sd = get_model(self.learn.model).state_dict()
+    if not all_ranks(nonfinite(sd.items()) is None):
+        self._stop("non-finite weights", t)
+    rec = dict(cycle=k, iter=t, epoch=self.learn.epoch, lr=self.lrs[-1], rank=rank_distrib())
+    if self._sdir is not None: rec['path'] = self._sdir / f'{self.fname}_{k}.pth'   # on every rank
+    if rec['rank'] == 0:
+        cpu = {n: v.detach().to('cpu', copy=True) for n, v in sd.items()}
+        if 'path' in rec: save_atomic(cpu, rec['path'])
+        else: rec['state'] = cpu
+    self.snapshots.append(rec)
+    if 'path' in rec and world_size() > 1: dist.barrier()   # the file is written: every rank can load it
+
+@patch
+def _stop(self:SnapshotEnsembleCallback, what, t):
+    "Stop the fit cleanly: no snapshot of this cycle, the earlier ones kept"
+    k = next(i + 1 for i, e in enumerate(self._ends) if t <= e)
+    have = [s['cycle'] for s in self.snapshots]
+    msg = (f"SnapshotEnsembleCallback: {what} at iteration {t}, in cycle {k}: training stopped, no snapshot of cycle {k} "
+           + (f"taken; snapshots {have} are kept and predict. " if have else "taken (and none before it). ")
+           + "learn.model's weights may be non-finite now (`learn.model.load_state_dict(cb.load_snapshot(k))` puts a "
+           "snapshot back). Train again with a lower learning rate, or gradient clipping (fastai's GradientClip).")
+    stop_fit(msg)
+
+# %% ../nbs/04_snapshot.ipynb #c020c
+@patch
+def _resumed(self:SnapshotEnsembleCallback, meta, mults, start, sdir) -> list:
+    "Records of the snapshots the interrupted fit took before iteration `start`; raises if one is missing"
+    want = [k + 1 for k, e in enumerate(meta['ends']) if e <= start]
+    if sdir is None:
+        old, recs = self._meta, {s['cycle']: s for s in self.snapshots if s['iter'] <= start}
+        where = ("this callback's memory (save='memory' keeps them in the process and callback that took them: "
+                 "pass that same callback, or use save='disk' to resume in a new process)")
+    else:
+        f = sdir / f'{self.fname}.json'
+        if not f.exists(): raise FileNotFoundError(
+            f"resume=True, but there is no {f}: a fit with save='disk' and fname={self.fname!r} writes it. Check "
+            "learn.path, learn.model_dir and fname, or train from the start without start_epoch")
+        old, where = json.loads(f.read_text()), f"{sdir} (files {self.fname}_k.pth)"
+        recs = {k: dict(cycle=k, iter=meta['ends'][k - 1], epoch=(meta['ends'][k - 1] - 1) // meta['iters_per_epoch'],
+                        lr=meta['lr0'][-1] * mults[meta['ends'][k - 1] - 1], rank=rank_distrib(),
+                        path=sdir / f'{self.fname}_{k}.pth') for k in want if (sdir / f'{self.fname}_{k}.pth').exists()}
+    if old is not None and old != meta: raise ValueError(
+        f"resume=True, but the interrupted fit had another schedule ({old}) than this one ({meta}): resume with the same "
+        "n_epoch, data, batch size, n_cycles, warmup, cycle_mult and lr")
+    miss = [k for k in want if k not in recs]
+    if miss: raise FileNotFoundError(
+        f"resume=True from epoch {start // meta['iters_per_epoch']}: the snapshots of cycle(s) {miss}, which end before it, "
+        f"are not in {where}. Resume from an earlier epoch, or train from the start")
+    return [recs[k] for k in want]
+
+@patch
+def _prepare_dir(self:SnapshotEnsembleCallback, sdir, kept, meta):
+    "Create the snapshot folder; on rank 0 remove the previous run's snapshots (but those `resume` keeps) and leftovers, and write the schedule"
+    sdir.mkdir(parents=True, exist_ok=True)   # on every rank: every rank records the paths of the files rank 0 writes
+    if rank_distrib() == 0:
+        keep = {Path(r['path']).name for r in kept}
+        for p in sdir.glob(f'{self.fname}_*.pth'):   # a new fit replaces the previous run's snapshots
+            if p.stem[len(self.fname) + 1:].isdigit() and p.name not in keep: p.unlink()
+        for p in [*sdir.glob(f'.{self.fname}_*.pth.*tmp'), *leftovers(sdir / f'{self.fname}.json')]: p.unlink()   # left by a killed process
+        save_atomic(meta, sdir / f'{self.fname}.json', fmt='json')   # the schedule, for `resume=True` to check
 
 # %% ../nbs/04_snapshot.ipynb #c023
 @patch
@@ -305,6 +315,7 @@ def _load_into(self:SnapshotEnsembleCallback, model:nn.Module, k:int):
                            "written by another model or run (same folder and fname?). Choose other snapshots with `which=`, "
                            "or train again with its own fname") from e
 
+# %% ../nbs/04_snapshot.ipynb #c023b
 @patch
 def snapshot_preds(self:SnapshotEnsembleCallback,
     dl=None,          # a `DataLoader` (default: `learn.dls.valid`, cached)
