@@ -252,7 +252,7 @@ def cifar10_tensors(
                              "extracted copy (train/<class>/*, test/<class>/*)") from e
     path = Path(path)
     if not (path/'train').is_dir() or not (path/'test').is_dir():
-        raise DataError(f"{path} is not a CIFAR-10 folder in fastai's layout: expected {path}/train/<class>/ and "
+        raise DataError(f"{path} is not a dataset folder in fastai's layout (CIFAR-10's): expected {path}/train/<class>/ and "
                          f"{path}/test/<class>/ image folders")
     classes = sorted(d.name for d in (path/'train').iterdir() if d.is_dir())
     return (*folder_tensors(path/'train', classes, size, cache), *folder_tensors(path/'test', classes, size, cache),
@@ -298,8 +298,8 @@ def _subset(x, y, n, seed, what):
     return x[idx].contiguous(), y[idx]
 
 def load_data(
-    dataset:str='digits', # 'digits', 'cifar10' or 'svhn'
-    data:Path=None,       # dataset folder (cifar10, svhn)
+    dataset:str='digits', # 'digits', 'cifar10', 'svhn' or 'folder' (your images: train/<class>/ and test/<class>/)
+    data:Path=None,       # dataset folder (cifar10, svhn, folder)
     size:int=None,        # image side (default: the dataset's native size)
     subset:int=None,      # keep a seeded random subset of this many training images
     test_subset:int=None, # ... and of this many test images
@@ -309,11 +309,14 @@ def load_data(
     "(x_train, y_train, x_test, y_test, classes) as uint8 / int64 tensors"
     if data is not None and not Path(data).exists(): raise DataError(f"--data {data} does not exist")
     if dataset == 'digits':
-        if data is not None: raise DataError("--data is for cifar10 and svhn; digits ships with scikit-learn")
+        if data is not None: raise DataError("--data is for cifar10, svhn and folder; digits ships with scikit-learn")
         xt, yt, xv, yv = digits_tensors(size or 32, seed=seed); classes = [str(i) for i in range(10)]
     elif dataset == 'cifar10': xt, yt, xv, yv, classes = cifar10_tensors(data, size or 32, cache)
     elif dataset == 'svhn': xt, yt, xv, yv, classes = svhn_tensors(data, cache)
-    else: raise DataError(f"unknown dataset {dataset!r}: use digits, cifar10 or svhn")
+    elif dataset == 'folder':
+        if data is None: raise DataError("--dataset folder needs --data DIR: a folder with train/<class>/ and test/<class>/ images")
+        xt, yt, xv, yv, classes = cifar10_tensors(data, size or 32, cache)   # the same layout, read the same way
+    else: raise DataError(f"unknown dataset {dataset!r}: use digits, cifar10, svhn or folder")
     if size: xt, xv = _resize(xt, size), _resize(xv, size)
     xt, yt = _subset(xt, yt, subset, seed, 'subset')
     xv, yv = _subset(xv, yv, test_subset, seed, 'test-subset')
