@@ -40,14 +40,15 @@ DATASET_DEFAULTS = {
     'digits':  dict(size=16, bs=128, epochs=3,  opt='adam', lr=1e-3, aug=False, stem='imagenet'),
     'cifar10': dict(size=32, bs=512, epochs=30, opt='sgd',  lr=0.1,  aug=True,  stem='small'),
     'svhn':    dict(size=32, bs=512, epochs=10, opt='adam', lr=1e-3, aug=False, stem='small'),
+    'folder':  dict(size=32, bs=64,  epochs=10, opt='adam', lr=1e-3, aug=True,  stem='small'),   # fastai's defaults
 }
 
 # `--preset study`: the study's whole table (ResNet50 with a CIFAR stem, all of CIFAR-10 with augmentation, batch 512,
-# SGD momentum 0.9 + L2 5e-4 at lr 0.1 cosine, 30 epochs; 17 block-epochs then fine-tuning; FreezeOut; 5 snapshots),
+# SGD momentum 0.9 + L2 5e-4 at lr 0.1 cosine, 30 epochs; 17 block-epochs then fine-tuning; FreezeOut; the paper's 5 snapshot cycles),
 # resumable arm by arm, with the memory check. Options given on the command line win over the preset.
 PRESETS = {
     'study': dict(dataset='cifar10', arch='resnet50', stem='small', size=32, bs=512, epochs=30, opt='sgd', lr=0.1,
-                  aug=True, block_epochs=1, cycles=5, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
+                  aug=True, block_epochs=1, cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
 }
 
 # each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
@@ -103,15 +104,15 @@ def bench_parser() -> argparse.ArgumentParser:
                '; '.join(f"{k}: {', '.join(f'{a}={b}' for a,b in v.items())}" for k,v in DATASET_DEFAULTS.items()))
     a = p.add_argument
     a('--preset', choices=list(PRESETS), help="a whole study in one command: study = " + ', '.join(f'{k}={v}' for k, v in PRESETS['study'].items()) + " (options you give win)")
-    a('--dataset', default='digits', choices=list(DATASET_DEFAULTS), help="digits ships with scikit-learn (offline)")
-    a('--data', type=Path, help="dataset folder: cifar10 in fastai's layout (train/, test/), svhn's .mat files")
+    a('--dataset', default='digits', choices=list(DATASET_DEFAULTS), help="digits ships with scikit-learn (offline); folder: your own images (--data)")
+    a('--data', type=Path, help="dataset folder: cifar10 or folder in fastai's layout (train/<class>/, test/<class>/), svhn's .mat files")
     a('--arch', default='resnet50', help="torchvision or fastai XResNet name, timm:NAME or pytorchcv:NAME")
     a('--stem', choices=['imagenet', 'small'], help="small: `small_stem` (3x3 stride-1 first conv, no stem pooling), what CIFAR networks use (default: dataset)")
     a('--arms', type=_arms, default=list(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     a('--epochs', type=int, help="e2e epochs, also the FreezeOut and snapshot budget (default: dataset)")
     a('--block-epochs', type=int, default=1, help="BoostResNet epochs per block")
     a('--ft-epochs', type=int, help="boost+e2e fine-tuning epochs (default: a quarter of --epochs, at least 1)")
-    a('--cycles', type=int, help="snapshot cycles (default: min(5, epochs))")
+    a('--cycles', type=int, help="snapshot cycles (default: SnapshotEnsembleCallback's, 4; the paper's 5 with --snap-paper)")
     a('--snap-first', type=float, help="snapshots: the first cycle's share of the budget (default: SnapshotEnsembleCallback's)")
     a('--snap-restart-lr', type=float, help="snapshots: peak of the later cycles as a fraction of --lr (default: SnapshotEnsembleCallback's)")
     a('--snap-warmup', type=float, help="snapshots: linear warm-up before the first cycle, as a fraction of the budget (default: SnapshotEnsembleCallback's)")
@@ -171,10 +172,9 @@ def parse_args(
     for k, v in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, k, None) is None: setattr(args, k, v)
     if args.ft_epochs is None: args.ft_epochs = max(1, round(args.epochs/4))
-    if args.cycles is None: args.cycles = min(5, args.epochs)
     if args.ft_lr is None: args.ft_lr = args.lr / 10
     for k in ('epochs', 'block_epochs', 'ft_epochs', 'cycles', 'bs', 'size'):
-        if getattr(args, k) < 1: raise BenchError(f"--{k.replace('_','-')} must be at least 1")
+        if getattr(args, k) is not None and getattr(args, k) < 1: raise BenchError(f"--{k.replace('_','-')} must be at least 1")
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available(): raise BenchError("--device cuda but no GPU is visible")
     if args.tensor_memory and not args.device.startswith('cpu'):
@@ -311,15 +311,17 @@ def _arm_freezeout(j:_Job):
     _save_plot(cb, j.out/'freezeout.png', j.extra, 'freezeout_plot_error')
     j.row('freezeout')
 
-def _snap_kwargs(c):
-    "The schedule options given for the snapshot arm: the paper's with --snap-paper, else those set, else the callback's defaults"
-    if c['snap_paper']: return dict(first=None, restart_lr=1., warmup=0)
-    return {k: c[f'snap_{k}'] for k in ('first', 'restart_lr', 'warmup') if c[f'snap_{k}'] is not None}
+def _snap_cb(c):
+    "The snapshot arm's callback: `SnapshotEnsembleCallback.paper` with --snap-paper, else its defaults; the options given win"
+    Snap = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')
+    kw = {k: c[f'snap_{k}'] for k in ('first', 'restart_lr', 'warmup') if c[f'snap_{k}'] is not None}
+    if c['cycles'] is not None: kw['n_cycles'] = c['cycles']
+    return Snap.paper(**kw) if c['snap_paper'] else Snap(**kw)
 
 def _arm_snapshot(j:_Job):
     "Snapshot ensembles: the last snapshot, the ensemble of all, the one chosen on --holdout, and the weight average (SWA)"
-    c, learn, n = j.cfg, j.learn, j.cfg['cycles']
-    cb = _import_cb('snapshot', 'snapshot', 'SnapshotEnsembleCallback')(n_cycles=n, **_snap_kwargs(c))
+    c, learn = j.cfg, j.learn
+    cb = _snap_cb(c); n = cb.n_cycles
     learn.fit(c['epochs'], c['lr'], cbs=cb)
     ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, n+1)]
     j.extra.update(snapshot_ensemble=ens, snapshot=_records(cb.report),
@@ -571,7 +573,7 @@ def run_bench(
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"fastboost-bench: {args.dataset} ({len(xt)} train / {len(xv)} test images, {args.size}px), arch {args.arch} ({args.stem} stem), "
           f"arms {','.join(args.arms)}, epochs {args.epochs} (block-epochs {args.block_epochs}, ft-epochs {args.ft_epochs}, "
-          f"ft-lr {args.ft_lr:g}, cycles {args.cycles}, freezeout t0 {args.t0} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
+          f"ft-lr {args.ft_lr:g}, cycles {args.cycles or 'default'}{' (paper)' if args.snap_paper else ''}, freezeout t0 {args.t0} {args.schedule} scale-lr {args.scale_lr} frozen-bn {args.frozen_bn}), bs {args.bs}, {args.opt} lr {args.lr}, aug {args.aug}, device {args.device}, "
           f"threads {args.threads or torch.get_num_threads()}, seed {args.seed}",
           flush=True)
     res = dict(config=cfg, rows=[], curves={}, extra={}, errors={}, memory=None,

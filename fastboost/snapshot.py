@@ -119,11 +119,11 @@ class SnapshotEnsembleCallback(Restores, Callback):
     _stateattrs = ('learner', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
     def _init_state(self): self._state, self.learner, self._model, self._cache, self.snapshots = {}, None, None, {}, []
     def __init__(self,
-        n_cycles:int=5,            # cosine cycles, i.e. snapshots
-        warmup:int|float=0,        # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
-        cycle_mult:float=1.,       # cycle length multiplier (SGDR); 1 (the paper) gives equal cycles
-        first:float=None,          # the first cycle's share of the cycles' iterations (FGE/SWA-style: most); None: from cycle_mult
-        restart_lr:float=1.,       # peak of the later cycles, as a fraction of the first's (the paper: 1)
+        n_cycles:int=4,            # cosine cycles, i.e. snapshots
+        warmup:int|float=0.1,      # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
+        cycle_mult:float=1.,       # cycle length multiplier (SGDR): the later cycles' lengths grow by it
+        first:float|None=0.75,     # the first cycle's share of the cycles' iterations (FGE/SWA-style); None: from cycle_mult, as the paper
+        restart_lr:float=0.2,      # peak of the later cycles, as a fraction of the first's (the paper: 1)
         reset_momentum:bool=False, # clear the optimizer's state (momentum, Adam moments) at each restart; the paper does not
         save:str='memory',         # 'memory': CPU state dicts; 'disk': files under `learn.path/learn.model_dir`
         fname:str='snapshot',      # file names for `save='disk'`: `{fname}_{k}.pth`, k = 1..n_cycles, and `{fname}.json`
@@ -189,6 +189,18 @@ class SnapshotEnsembleCallback(Restores, Callback):
     def _undo(self):
         "Put back the learning rate the optimizer had before the fit"
         if self.learner is not None and self.learner.opt is not None: self.learner.opt.set_hyper('lr', self._lr0)
+
+# %% ../nbs/04_snapshot.ipynb #c020p1
+_PAPER_SCHEDULE = dict(warmup=0, first=None, restart_lr=1.)   # Huang et al. 2017: M equal cosine cycles from the full rate
+
+@patch(cls_method=True)
+def paper(cls:SnapshotEnsembleCallback,
+    n_cycles:int=5,   # cosine cycles, i.e. snapshots (the paper: 5 or 6)
+    **kwargs,         # the other arguments of `SnapshotEnsembleCallback` (save, fname, resume, reset_momentum, cycle_mult)
+) -> SnapshotEnsembleCallback:
+    "The Snapshot Ensembles paper's schedule: `n_cycles` equal cosine cycles, each from the full learning rate, no warm-up"
+    return cls(n_cycles, **{**_PAPER_SCHEDULE, **kwargs})
+
 
 # %% ../nbs/04_snapshot.ipynb #c020b
 @patch
@@ -464,7 +476,7 @@ def average_weights(self:SnapshotEnsembleCallback,
 
 # %% ../nbs/04_snapshot.ipynb #c030
 @patch
-@delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult'])
+@delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult', 'first'])
 def fit_snapshot(self:Learner,
     n_cycles:int,             # cosine cycles = snapshots
     cycle_len:int,            # epochs in the first cycle
@@ -480,6 +492,7 @@ def fit_snapshot(self:Learner,
     _check_cycles(n_cycles, cycle_mult)
     if not cycle_len > 0: raise ValueError(f"cycle_len={cycle_len!r}: need a positive number of epochs")
     n_epoch = warmup_epochs + int(round(cycle_len * sum(cycle_mult**i for i in range(n_cycles))))
-    cb = SnapshotEnsembleCallback(n_cycles, warmup=int(warmup_epochs * len(self.dls.train)), cycle_mult=cycle_mult, **kwargs)
+    kwargs = {**_PAPER_SCHEDULE, **kwargs, 'warmup': int(warmup_epochs * len(self.dls.train))}   # cycles of `cycle_len` epochs: the paper's
+    cb = SnapshotEnsembleCallback(n_cycles, cycle_mult=cycle_mult, **kwargs)
     self.fit(n_epoch, lr=lr_max, wd=wd, cbs=L(cb) + L(cbs), reset_opt=reset_opt)
     return cb

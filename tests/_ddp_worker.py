@@ -41,7 +41,7 @@ def no_batchnorm(model):
 # 'freezeout_fup' is FreezeOut under DDP with the user's find_unused_parameters=True (kept when FreezeOut re-wraps),
 # 'freezeout_auto' decides its freezes from the weights (t0='auto'), agreed by all ranks
 RUNS = dict(none=lambda: None, freezeout_auto=lambda: FreezeOutCallback(t0='auto', tol=0.5, window=1, timing=False), snapshot_disk=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk'),
-            snapshot_nan=lambda: SnapshotEnsembleCallback(n_cycles=2, save='disk', fname='nan'),
+            snapshot_nan=lambda: SnapshotEnsembleCallback.paper(n_cycles=2, save='disk', fname='nan'),   # the paper's equal cycles: 2 of 4 iterations
             boost_nan=CBS['boost'], freezeout_fup=CBS['freezeout'], **CBS)
 
 class NaNOnRank:

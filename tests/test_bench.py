@@ -20,9 +20,9 @@ def test_every_arm_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads((out/'bench.json').read_text())
-    assert [row['arm'] for row in res['rows']] == ARMS + ['snapshot-ens2', 'snapshot-swa']
+    assert [row['arm'] for row in res['rows']] == ARMS + ['snapshot-ens4', 'snapshot-swa']   # the callback's default 4 cycles
     # calibration of e2e and of the snapshot ensemble, side by side
-    assert set(res['extra']['e2e_calibration']) == {'nll', 'ece'} and set(res['extra']['snapshot_calibration']) == {'ens1', 'ens2'}
+    assert set(res['extra']['e2e_calibration']) == {'nll', 'ece'} and set(res['extra']['snapshot_calibration']) == {'ens1', 'ens4'}
     assert res['errors'] == {}
     for row in res['rows']:
         assert 0 <= row['train_acc'] <= 1 and 0 <= row['test_acc'] <= 1, row
@@ -40,7 +40,7 @@ def test_every_arm_end_to_end(tmp_path):
     assert res['config']['t0'] == 0.5 and res['config']['schedule'] == 'linear'
     assert res['extra']['freezeout'][0]['t_freeze'] == pytest.approx(0.5)   # FreezeOut got --t0/--schedule
     assert {'predicted', 'measured'} <= set(res['extra']['freezeout_speedup'])
-    assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2]
+    assert [m for m, _ in res['extra']['snapshot_ensemble']] == [1, 2, 3, 4]
     for f in ('accuracy_vs_time.png', 'snapshot_ensemble.png', 'boost_depth.png', 'freezeout.png'):
         assert f in res['figures'] and (out/f).stat().st_size > 1000
     # the markdown table, printed and written, with e2e as the reference of the ratios

@@ -93,7 +93,7 @@ def test_freezeout_resume_equals_uninterrupted(tmp_path, how, opt):
     assert gap == 0, f"resumed run differs from the uninterrupted one by {gap:.2e}"   # same ops in the same order
     assert max_diff(want, init) > 1e-3   # the weights moved: the comparison means something
 
-# Snapshots: 4 epochs of 4 iterations, 4 cycles (one per epoch). The interrupted fit stops after epoch 2 (3 snapshots
+# Snapshots: 4 epochs of 4 iterations, the paper's 4 equal cycles (one per epoch). The interrupted fit stops after epoch 2 (3 snapshots
 # taken, checkpoints of epochs 0-2 saved) or by KeyboardInterrupt in epoch 2 (2 snapshots); the resumed fit loads the
 # checkpoint of epoch 1, so it must keep snapshots 1-2, and take 3 (again) and 4 as an uninterrupted fit does.
 class InterruptAt(Callback):
@@ -106,7 +106,7 @@ class InterruptAt(Callback):
 @pytest.mark.parametrize('save', ['disk', 'memory'])
 def test_snapshot_resume_equals_uninterrupted(tmp_path, save):
     from fastboost.snapshot import SnapshotEnsembleCallback
-    snap = lambda **kw: SnapshotEnsembleCallback(n_cycles=4, save=save, **kw)
+    snap = lambda **kw: SnapshotEnsembleCallback.paper(n_cycles=4, save=save, **kw)   # the paper's equal cycles
     ref = _learner(tmp_path/'ref', Adam)
     rcb = snap()
     ref.fit(4, 1e-2, cbs=rcb)
