@@ -167,8 +167,9 @@ def parse_args(
     "Parsed arguments with the dataset's defaults filled in; raises `BenchError` for bad values"
     p = bench_parser(); args = p.parse_args(argv)
     given = _given(argv)
+    snap_given = given & {'snap_first', 'snap_restart_lr', 'snap_warmup'}   # a schedule of one's own replaces the preset's
     for k, v in PRESETS.get(args.preset, {}).items():   # a preset fills what the command line did not give
-        if k not in given: setattr(args, k, v)
+        if k not in given and not (k == 'snap_paper' and snap_given): setattr(args, k, v)
     for k, v in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, k, None) is None: setattr(args, k, v)
     if args.ft_epochs is None: args.ft_epochs = max(1, round(args.epochs/4))
