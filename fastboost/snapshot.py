@@ -476,7 +476,7 @@ def average_weights(self:SnapshotEnsembleCallback,
 
 # %% ../nbs/04_snapshot.ipynb #c030
 @patch
-@delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult', 'first'])
+@delegates(SnapshotEnsembleCallback.__init__, but=['n_cycles', 'warmup', 'cycle_mult', 'first', 'restart_lr'])   # the paper's cycles
 def fit_snapshot(self:Learner,
     n_cycles:int,             # cosine cycles = snapshots
     cycle_len:int,            # epochs in the first cycle
