@@ -35,6 +35,7 @@ __all__ = ['ARMS', 'DATASET_DEFAULTS', 'PRESETS', 'BenchError', 'get_arch', 'ben
 
 # %% ../nbs/05_bench.ipynb #c006
 ARMS = ('e2e', 'boost', 'boost+e2e', 'freezeout', 'snapshot')
+_HEADS = dict(linear='aux_head', conv='conv_head', pool='pool_head')   # --block-head: BoostResNet's block classifiers
 
 DATASET_DEFAULTS = {
     'digits':  dict(size=16, bs=128, epochs=3,  opt='adam', lr=1e-3, aug=False, stem='imagenet'),
@@ -48,7 +49,7 @@ DATASET_DEFAULTS = {
 # resumable arm by arm, with the memory check. Options given on the command line win over the preset.
 PRESETS = {
     'study': dict(dataset='cifar10', arch='resnet50', stem='small', size=32, bs=512, epochs=30, opt='sgd', lr=0.1,
-                  aug=True, block_epochs=1, cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
+                  aug=True, block_epochs=1, block_cache='off', block_head='linear', cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
 }
 
 # each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
@@ -129,8 +130,9 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
     a('--lr', type=float, help="e2e peak learning rate (default: dataset)")
-    a('--block-lr', type=float, default=1e-3, help="BoostResNet learning rate (AdamW)")
-    a('--block-head', choices=['linear', 'conv'], default='linear', help="BoostResNet: each block's classifier, aux_head (pool + linear) or conv_head (conv layers first)")
+    a('--block-lr', type=float, default=1e-3, help="BoostResNet learning rate")
+    a('--block-opt', choices=['adam', 'sgd'], default='adam', help="BoostResNet's optimizer: adam = AdamW (the study's), sgd = SGD momentum 0.9 + L2 5e-4")
+    a('--block-head', choices=list(_HEADS), default='pool', help="BoostResNet: each block's classifier, pool_head (2x2 pool + linear, the callback's default), aux_head (global pool + linear, the paper's) or conv_head (conv layers first)")
     a('--e2e-sched', choices=['cos', 'one_cycle'], default='cos', help="e2e arm: `fit` with cosine annealing (the literature's recipe) or fastai's `fit_one_cycle`")
     a('--ft-lr', type=float, help="boost+e2e fine-tuning peak learning rate (default: --lr / 10)")
     a('--subset', type=int, help="train on a seeded random subset of this many training images")
@@ -282,13 +284,13 @@ def _arm_e2e(j:_Job):
     j.row('e2e')
 
 def _arm_boost(j:_Job):
-    "BoostResNet's block-wise phase (AdamW, the study's), then for boost+e2e fine-tuning with `fit_one_cycle`"
+    "BoostResNet's block-wise phase (--block-opt: AdamW, the study's, by default), then for boost+e2e fine-tuning with `fit_one_cycle`"
     c, learn = j.cfg, j.learn
     Boost = _import_cb(j.arms[0], 'boost', 'BoostResNetCallback')
     n_blocks = len(body_blocks(learn.model))
-    learn.opt_func, learn.opt = _opt_func('adam'), None
+    learn.opt_func, learn.opt = _opt_func(c['block_opt']), None
     cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[c['block_cache']], bn_samples=c['bn_samples'],
-               head=_import_cb(j.arms[0], 'boost', 'conv_head' if c['block_head'] == 'conv' else 'aux_head'))
+               head=_import_cb(j.arms[0], 'boost', _HEADS[c['block_head']]))
     learn.fit(n_blocks * c['block_epochs'], c['block_lr'], cbs=cb)
     j.extra.update(boost_blocks=_records(cb.report), n_blocks=n_blocks)
     _save_plot(cb, j.out/'boost_depth.png', j.extra, 'boost_plot_error')

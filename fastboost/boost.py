@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import contextlib, itertools, math, time
+import contextlib, itertools, math, os, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -19,14 +19,13 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.layers import ConvLayer
 from fastai.optimizer import OptimWrapper
-from fastai.vision.augment import RandTransform
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
 from .core import check_alone, distributed_trainer, save_atomic, any_rank, Restores, stop_fit
 
 # %% auto #0
-__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
+__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head', 'pool_head',
            'BoostResNetCallback', 'FeatureCache']
 
 # %% ../nbs/02_boost.ipynb #c006
@@ -105,6 +104,14 @@ def conv_head(
     convs = [ConvLayer(n_in, w, ks=1)] + [ConvLayer(w, w, ks=3) for _ in range(depth-1)]
     return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, n_out))
 
+def pool_head(
+    n_in:int,      # channels of the block's output
+    n_out:int,     # classes
+    size:int=2,    # side of the pooled map the linear layer sees
+) -> nn.Module:
+    "Average pool to `size` x `size`, then a linear layer on the flattened map: where a pixel's features are, kept (DGL's spatial reduction, without its MLP)"
+    return nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Flatten(), nn.Linear(n_in*size*size, n_out))
+
 class _Stage(nn.Module):
     "Frozen prefix (no autograd, eval mode) -> trainable block -> head; also the previous module's scores"
     def __init__(self, prefix, block, head, prev_head=None, alpha=0.):
@@ -137,17 +144,15 @@ def _split_model(model):
                      f"(`nn.Sequential(body, head)`); got {type(model).__name__}. Build the learner with "
                      f"`vision_learner(dls, arch, ...)`, or wrap your model as `nn.Sequential(body, head)`.")
 
-def _is_random(t) -> bool:
-    "Does fastai transform `t` draw at random in training? (`split_idx=0`: training only; fastai's `RandTransform`s, e.g. `RandomResizedCrop` or `Flip`)"
-    return isinstance(t, RandTransform) or getattr(type(t), 'split_idx', None) == 0 or getattr(t, 'split_idx', None) == 0
+def _host_memory() -> int:
+    "Bytes of physical memory of this machine (0 where the OS does not say)"
+    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError): return 0
 
-def _deterministic(dl) -> bool:
-    "Does `dl` apply no random (training-only) transform?"
-    tfms = []
-    for nm in ('after_item', 'before_batch', 'after_batch'):
-        tfms += list(getattr(getattr(dl, nm, None), 'fs', []) or [])
-    for tl in getattr(getattr(dl, 'dataset', None), 'tls', []) or []: tfms += list(getattr(tl.tfms, 'fs', []))
-    return not any(_is_random(t) for t in tfms)
+def _cache_bytes(dls, shapes, dtype) -> int:
+    "Host memory the feature cache can need: every training and validation item at the widest of `shapes`, twice (a block that changes the shape fills a new tensor while the old one is held)"
+    n = sum(len(getattr(dl, 'dataset', ())) for dl in (dls.train, dls.valid))
+    return 2 * n * max(math.prod(s[1:]) for s in shapes) * torch.empty((), dtype=dtype).element_size()
 
 def _eval_batches(dl, shuffle=False):
     "The batches of all of `dl`'s items (in order, or shuffled), through its validation-time transforms (fastai's `split_idx=1`)"
@@ -185,8 +190,8 @@ class BoostResNetCallback(Restores, Callback):
         budget='equal',          # 'equal', 'flops' (proportional to each block's cost), or a list (iterations or weights)
         sched:str='one_cycle',   # LR schedule within each stage: 'one_cycle', 'cos' or 'const'
         pct_start:float=0.25,    # warm-up fraction of each stage for 'one_cycle'
-        head=aux_head,           # `head(n_channels, n_out)` builds the classifier of every block but the last
-        cache='auto',            # cache frozen blocks' outputs: True, False, or 'auto' (when training transforms are deterministic)
+        head=pool_head,          # `head(n_channels, n_out)` builds the classifier of every block but the last (`aux_head`: the paper's linear probe)
+        cache='auto',            # cache frozen blocks' outputs: True, False, or 'auto' (when they fit in a quarter of the host's memory)
         cache_dtype=torch.float32, # dtype of the cached features (torch.float16 halves their memory)
         offload:bool=False,      # keep only the training block and its head on the accelerator (needs the cache)
         stop=None,               # None, or 'plateau': end a block's stage when its validation loss stops improving
@@ -263,7 +268,7 @@ def _take_model(self:BoostResNetCallback, learn):
     body, self.final_head = _split_model(self.user_model)
     self.blocks = body_blocks(body)
     self.device = next(self.user_model.parameters()).device
-    self.do_cache = _deterministic(learn.dls.train) if self.cache == 'auto' else bool(self.cache)
+    self.do_cache = bool(self.cache)   # 'auto' is decided in `_build_heads`, once the blocks' output shapes are known
 
 @patch
 def _total_iters(self:BoostResNetCallback, learn) -> int:
@@ -291,6 +296,8 @@ def _build_heads(self:BoostResNetCallback, learn, has_valid) -> torch.Tensor:
         self.user_model.eval(); shapes = []
         for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
     n_out = self.final_head(xb).shape[-1]
+    if self.cache == 'auto':   # per process: under DDP every rank holds the whole cache
+        self.do_cache = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype) * max(1, num_distrib()) <= _host_memory() / 4
     self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
     return x1
 
