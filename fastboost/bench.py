@@ -44,12 +44,16 @@ DATASET_DEFAULTS = {
     'folder':  dict(size=32, bs=64,  epochs=10, opt='adam', lr=1e-3, aug=True,  stem='small'),   # fastai's defaults
 }
 
+# the block-wise phase's peak learning rate by optimizer, measured across two datasets (results page: *The phase's learning rate*)
+_BLOCK_LR = {'adam': 3e-3, 'sgd': 0.1}
+
 # `--preset study`: the study's whole table (ResNet50 with a CIFAR stem, all of CIFAR-10 with augmentation, batch 512,
 # SGD momentum 0.9 + L2 5e-4 at lr 0.1 cosine, 30 epochs; 17 block-epochs then fine-tuning; FreezeOut; the paper's 5 snapshot cycles),
 # resumable arm by arm, with the memory check. Options given on the command line win over the preset.
+# The study's block-wise phase: AdamW's defaults (lr 1e-3), a linear probe per block, no cache.
 PRESETS = {
     'study': dict(dataset='cifar10', arch='resnet50', stem='small', size=32, bs=512, epochs=30, opt='sgd', lr=0.1,
-                  aug=True, block_epochs=1, block_cache='off', block_head='linear', cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
+                  aug=True, block_epochs=1, block_lr=1e-3, block_cache='off', block_head='linear', cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
 }
 
 # each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
@@ -130,11 +134,11 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--size', type=int, help="image side in pixels (default: dataset)")
     a('--opt', choices=['sgd', 'adam'], help="e2e optimizer: sgd = SGD momentum 0.9 + L2 5e-4, adam = AdamW (default: dataset)")
     a('--lr', type=float, help="e2e peak learning rate (default: dataset)")
-    a('--block-lr', type=float, default=1e-3, help="BoostResNet learning rate")
+    a('--block-lr', type=float, help="BoostResNet's peak learning rate in each stage (default: by --block-opt, " + ', '.join(f'{k} {v:g}' for k, v in _BLOCK_LR.items()) + "; see the results page)")
     a('--block-opt', choices=['adam', 'sgd'], default='adam', help="BoostResNet's optimizer: adam = AdamW (the study's), sgd = SGD momentum 0.9 + L2 5e-4")
     a('--block-head', choices=list(_HEADS), default='pool', help="BoostResNet: each block's classifier, pool_head (2x2 pool + linear, the callback's default), aux_head (global pool + linear, the paper's) or conv_head (conv layers first)")
     a('--e2e-sched', choices=['cos', 'one_cycle'], default='cos', help="e2e arm: `fit` with cosine annealing (the literature's recipe) or fastai's `fit_one_cycle`")
-    a('--ft-lr', type=float, help="boost+e2e fine-tuning peak learning rate (default: --lr / 10)")
+    a('--ft-lr', type=float, help="boost+e2e fine-tuning peak learning rate (default: a tenth of --block-lr when --opt is --block-opt, else of --lr)")
     a('--subset', type=int, help="train on a seeded random subset of this many training images")
     a('--test-subset', type=int, help="evaluate on a seeded random subset of this many test images")
     a('--seed', type=int, default=0)
@@ -142,7 +146,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--threads', type=int, help="torch CPU threads per arm (default: torch's; use 1 on a machine shared with other jobs)")
     a('--aug', action=argparse.BooleanOptionalAction, help="random pad-crop-flip for training (default: dataset)")
     a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
-      help="BoostResNet feature cache: auto = only without augmentation; on = cache the un-augmented images' features (the block-wise phase then trains without augmentation)")
+      help="BoostResNet feature cache: auto = the callback's (cache when the features fit in a quarter of host memory); on = always cache; off = run the frozen prefix at every batch. Cached features are the un-augmented images': the block-wise phase then trains without augmentation")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--bf16', action='store_true', help="bf16 mixed precision (fastai's to_bf16; GPU only: on CPU it is ignored, as fastai's autocast is CUDA-only)")
     a('--resume', action='store_true', help="keep each finished job's result in --out/jobs/ and skip jobs already there with the same settings")
@@ -175,7 +179,9 @@ def parse_args(
     for k, v in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, k, None) is None: setattr(args, k, v)
     if args.ft_epochs is None: args.ft_epochs = max(1, round(args.epochs/4))
-    if args.ft_lr is None: args.ft_lr = args.lr / 10
+    if args.block_lr is None: args.block_lr = _BLOCK_LR[args.block_opt]
+    # fine-tuning starts from trained weights: a tenth of the phase's rate on the phase's optimizer, else of e2e's
+    if args.ft_lr is None: args.ft_lr = (args.block_lr if args.opt == args.block_opt else args.lr) / 10
     for k in ('epochs', 'block_epochs', 'ft_epochs', 'cycles', 'bs', 'size'):
         if getattr(args, k) is not None and getattr(args, k) < 1: raise BenchError(f"--{k.replace('_','-')} must be at least 1")
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -638,15 +638,15 @@ def plot(self:BoostResNetCallback, ax=None):
 @patch
 def fit_boostresnet(
     self:Learner,
-    epochs_per_block:float=1.,  # training epochs for each block (the study: 1)
-    lr:float=1e-3,              # peak learning rate of each stage
+    epochs_per_block:float=3.,  # training epochs for each block (the study: 1; with the cache 3 train far better for about a third of `fit_one_cycle(10)`'s time)
+    lr:float=3e-3,              # peak learning rate of each stage (3x fastai's default, measured best with Adam on two datasets)
     fine_tune:int=0,            # epochs of end-to-end `fit_one_cycle` afterwards ("BoostResNet + e2eBP")
-    fine_tune_lr:float=None,    # learning rate of the fine-tuning (default: `lr`)
+    fine_tune_lr:float=None,    # peak learning rate of the fine-tuning (default: `lr / 10`: it starts from trained weights)
     **kwargs,                   # passed to `BoostResNetCallback`
 ) -> BoostResNetCallback:
     "Block-wise BoostResNet phase, then optionally end-to-end fine-tuning; returns the callback (`.report`, `.plot()`)"
     cb = BoostResNetCallback(**kwargs)
     n_blocks = len(body_blocks(_split_model(self.model)[0]))
     self.fit(max(1, math.ceil(epochs_per_block * n_blocks)), lr, cbs=cb)
-    if fine_tune: self.fit_one_cycle(fine_tune, ifnone(fine_tune_lr, lr))
+    if fine_tune: self.fit_one_cycle(fine_tune, ifnone(fine_tune_lr, lr / 10))
     return cb
