@@ -137,6 +137,7 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-lr', type=float, help="BoostResNet's peak learning rate in each stage (default: by --block-opt, " + ', '.join(f'{k} {v:g}' for k, v in _BLOCK_LR.items()) + "; see the results page)")
     a('--block-opt', choices=['adam', 'sgd'], default='adam', help="BoostResNet's optimizer: adam = AdamW (the study's), sgd = SGD momentum 0.9 + L2 5e-4")
     a('--block-head', choices=list(_HEADS), default='pool', help="BoostResNet: each block's classifier, pool_head (2x2 pool + linear, the callback's default), aux_head (global pool + linear, the paper's) or conv_head (conv layers first)")
+    a('--block-cache-flip', action='store_true', help="BoostResNet with the cache: cache each training image's horizontal flip too and train on one of the two at random (`cache_flip=True`)")
     a('--block-sched', choices=['one_cycle', 'cos', 'const'], default='one_cycle', help="BoostResNet: the LR schedule within each stage (the callback's `sched`)")
     a('--block-budget', choices=['equal', 'flops'], default='equal', help="BoostResNet: the phase's iterations split equally between blocks, or in proportion to each block's FLOPs (the callback's `budget`)")
     a('--e2e-sched', choices=['cos', 'one_cycle'], default='cos', help="e2e arm: `fit` with cosine annealing (the literature's recipe) or fastai's `fit_one_cycle`")
@@ -298,7 +299,8 @@ def _arm_boost(j:_Job):
     n_blocks = len(body_blocks(learn.model))
     learn.opt_func, learn.opt = _opt_func(c['block_opt']), None
     cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[c['block_cache']], bn_samples=c['bn_samples'],
-               head=_import_cb(j.arms[0], 'boost', _HEADS[c['block_head']]), sched=c['block_sched'], budget=c['block_budget'])
+               head=_import_cb(j.arms[0], 'boost', _HEADS[c['block_head']]), sched=c['block_sched'], budget=c['block_budget'],
+               cache_flip=c['block_cache_flip'])
     learn.fit(n_blocks * c['block_epochs'], c['block_lr'], cbs=cb)
     j.extra.update(boost_blocks=_records(cb.report), n_blocks=n_blocks)
     _save_plot(cb, j.out/'boost_depth.png', j.extra, 'boost_plot_error')

@@ -149,9 +149,9 @@ def _host_memory() -> int:
     try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     except (AttributeError, ValueError, OSError): return 0
 
-def _cache_bytes(dls, shapes, dtype) -> int:
-    "Host memory the feature cache can need: every training and validation item at the widest of `shapes`, twice (a block that changes the shape fills a new tensor while the old one is held)"
-    n = sum(len(getattr(dl, 'dataset', ())) for dl in (dls.train, dls.valid))
+def _cache_bytes(dls, shapes, dtype, flip=False) -> int:
+    "Host memory the feature cache can need: every training (twice with `flip`) and validation item at the widest of `shapes`, twice (a block that changes the shape fills a new tensor while the old one is held)"
+    n = (1 + flip) * len(getattr(dls.train, 'dataset', ())) + len(getattr(dls.valid, 'dataset', ()))
     return 2 * n * max(math.prod(s[1:]) for s in shapes) * torch.empty((), dtype=dtype).element_size()
 
 def _eval_batches(dl, shuffle=False):
@@ -193,6 +193,7 @@ class BoostResNetCallback(Restores, Callback):
         head=pool_head,          # `head(n_channels, n_out)` builds the classifier of every block but the last (`aux_head`: the paper's linear probe)
         cache='auto',            # cache frozen blocks' outputs: True, False, or 'auto' (when they fit in a quarter of the host's memory)
         cache_dtype=torch.float32, # dtype of the cached features (torch.float16 halves their memory)
+        cache_flip:bool=False,   # with the cache: cache each training image's horizontal flip too, and train on one of the two at random (twice the training cache)
         offload:bool=False,      # keep only the training block and its head on the accelerator (needs the cache)
         stop=None,               # None, or 'plateau': end a block's stage when its validation loss stops improving
         patience:int=2,          # checks without improvement before a 'plateau' stop
@@ -207,6 +208,7 @@ class BoostResNetCallback(Restores, Callback):
         if stop not in (None, 'plateau'): raise ValueError(f"stop must be None or 'plateau', got {stop!r}")
         if gamma_stop is not None and loss != 'boost': raise ValueError("gamma_stop needs loss='boost' (gamma is the boosting edge)")
         if offload and cache is False: raise ValueError("offload=True needs the feature cache: use cache=True or 'auto'")
+        if cache_flip and cache is False: raise ValueError("cache_flip=True needs the feature cache: use cache=True or 'auto'")
         if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
         if resume and not checkpoint: raise ValueError("resume=True needs the checkpoint's file name: checkpoint='boost', as in the run to resume")
         store_attr(but='loss')
@@ -229,7 +231,7 @@ class BoostResNetCallback(Restores, Callback):
         self.lr_max = learn.opt.hypers[-1]['lr']
         self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
-        if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype)
+        if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype, flip=self.cache_flip)
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
         self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
         try: self._start_stage(first)
@@ -297,7 +299,7 @@ def _build_heads(self:BoostResNetCallback, learn, has_valid) -> torch.Tensor:
         for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
     n_out = self.final_head(xb).shape[-1]
     if self.cache == 'auto':   # per process: under DDP every rank holds the whole cache
-        self.do_cache = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype) * max(1, num_distrib()) <= _host_memory() / 4
+        self.do_cache = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype, self.cache_flip) * max(1, num_distrib()) <= _host_memory() / 4
     self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
     return x1
 
@@ -429,7 +431,8 @@ def before_batch(self:BoostResNetCallback):
         self.learn.yb = ()   # Recorder logs nothing for it
         raise CancelBatchException()
     if self.do_cache:
-        x, y = self._features.batch(0 if self.learn.training else 1, self.learn.xb[0].cpu())   # indices -> features
+        idx = self.learn.xb[0].cpu()   # indices -> features
+        x, y = self._features.train_batch(idx) if self.learn.training else self._features.batch(1, idx)
         self.learn.xb, self.learn.yb = (x,), (y,)
     if self.learn.training:
         pos = (self.learn.train_iter - self._start_it) / self.iters[self.k]
@@ -496,12 +499,14 @@ class FeatureCache:
         dls,                        # the learner's `DataLoaders`: read once, through the validation-time transforms
         device,                     # where the batches go
         dtype=torch.float32,        # dtype of the stored features (float16 halves their memory)
+        flip:bool=False,            # also hold every training image's horizontal flip, advanced alongside (`train_batch` picks one per row)
     ):
         self.device, self.dtype, self.x, self.y = device, dtype, [], []
         for dl in (dls.train, dls.valid):
             xx, yy = [], []
             for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
             self.x.append(torch.cat(xx) if xx else self.x[0][:0]); self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
+        if flip: self.x.append(self.x[0].flip(-1)); self.y.append(self.y[0])   # split 2: the flipped training images
         tdl = dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
         self.loaders = (DataLoader(ds(len(self.y[0])), bs=tdl.bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=device),
@@ -512,6 +517,12 @@ class FeatureCache:
     def batch(self, split:int, idx) -> tuple:
         "Features and labels of rows `idx` of `split` (0: training, 1: validation), on the device"
         return self.x[split][idx].to(self.device, torch.float32), self.y[split][idx].to(self.device)
+
+    def train_batch(self, idx) -> tuple:
+        "A training batch of rows `idx`: with `flip`, each row from the image or its flip at random (flip augmentation)"
+        if len(self.x) < 3: return self.batch(0, idx)
+        f = (torch.rand(len(idx)) < 0.5).view(-1, *[1] * (self.x[0].dim() - 1))
+        return torch.where(f, self.x[2][idx], self.x[0][idx]).to(self.device, torch.float32), self.y[0][idx].to(self.device)
 
     def batches(self, split:int):
         "All of `split` in order, in chunks, on the device"
