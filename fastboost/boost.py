@@ -432,7 +432,7 @@ def before_batch(self:BoostResNetCallback):
         raise CancelBatchException()
     if self.do_cache:
         idx = self.learn.xb[0].cpu()   # indices -> features
-        x, y = self._features.train_batch(idx) if self.learn.training else self._features.batch(1, idx)
+        x, y = self._features.train_batch(idx, self.learn.train_iter) if self.learn.training else self._features.batch(1, idx)
         self.learn.xb, self.learn.yb = (x,), (y,)
     if self.learn.training:
         pos = (self.learn.train_iter - self._start_it) / self.iters[self.k]
@@ -507,6 +507,7 @@ class FeatureCache:
             for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
             self.x.append(torch.cat(xx) if xx else self.x[0][:0]); self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
         if flip: self.x.append(self.x[0].flip(-1)); self.y.append(self.y[0])   # split 2: the flipped training images
+        self.seed = int(torch.randint(2**31, ()))   # of the flips: drawn once, so that iteration k's flips do not depend on what ran before
         tdl = dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
         self.loaders = (DataLoader(ds(len(self.y[0])), bs=tdl.bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=device),
@@ -518,11 +519,12 @@ class FeatureCache:
         "Features and labels of rows `idx` of `split` (0: training, 1: validation), on the device"
         return self.x[split][idx].to(self.device, torch.float32), self.y[split][idx].to(self.device)
 
-    def train_batch(self, idx) -> tuple:
-        "A training batch of rows `idx`: with `flip`, each row from the image or its flip at random (flip augmentation)"
+    def train_batch(self, idx, it:int=0) -> tuple:
+        "A training batch of rows `idx` at iteration `it`: with `flip`, each row from the image or its flip, a seeded draw per iteration (flip augmentation)"
         if len(self.x) < 3: return self.batch(0, idx)
-        f = (torch.rand(len(idx)) < 0.5).view(-1, *[1] * (self.x[0].dim() - 1))
-        return torch.where(f, self.x[2][idx], self.x[0][idx]).to(self.device, torch.float32), self.y[0][idx].to(self.device)
+        f = torch.rand(len(idx), generator=torch.Generator().manual_seed(self.seed + it)) < 0.5   # a resumed fit draws the same flips
+        x = self.x[0][idx]; x[f] = self.x[2][idx[f]]
+        return x.to(self.device, torch.float32), self.y[0][idx].to(self.device)
 
     def batches(self, split:int):
         "All of `split` in order, in chunks, on the device"
