@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/bench.html.md"""
 
 # %% ../nbs/05_bench.ipynb #c002
 from __future__ import annotations
-import argparse, json, math, os, pickle, platform, sys, time, traceback, warnings
+import argparse, contextlib, json, math, os, pickle, platform, sys, time, traceback, warnings
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -16,15 +16,17 @@ from pathlib import Path
 import numpy as np, torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from torch.profiler import profile, ProfilerActivity
 from fastai.callback.schedule import ParamScheduler, SchedCos
 from fastai.learner import Learner, Recorder
+from fastai.data.core import Pipeline
+from fastai.callback.progress import ProgressCallback
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, TensorImage
 from .data import (tensor_dls, tensor_dataset, digits_tensors, DataError, default_cache,
-                            folder_tensors, cifar10_tensors, svhn_tensors, load_data)   # the loaders lived here first
+                            folder_tensors, cifar10_tensors, svhn_tensors, load_data, _tensors)   # the loaders lived here first
 from .blocks import body_blocks, pytorchcv_arch, small_stem
 from .core import save_atomic
 from .memory import PeakMemory, TensorMemory, memory_peak
@@ -53,7 +55,7 @@ _BLOCK_LR = {'adam': 3e-3, 'sgd': 0.1}
 # The study's block-wise phase: AdamW's defaults (lr 1e-3), a linear probe per block, no cache.
 PRESETS = {
     'study': dict(dataset='cifar10', arch='resnet50', stem='small', size=32, bs=512, epochs=30, opt='sgd', lr=0.1,
-                  aug=True, block_epochs=1, block_lr=1e-3, block_cache='off', block_head='linear', cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True),
+                  aug=True, block_epochs=1, block_lr=1e-3, block_cache='off', block_head='linear', cycles=5, snap_paper=True, e2e_sched='cos', resume=True, memory_check=0.30, bf16=True, speed_check=50),
 }
 
 # each arm's process re-runs this module as `__mp_main__` under `python -m fastboost.bench`: harmless, so quiet
@@ -151,6 +153,9 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
       help="BoostResNet feature cache: auto = the callback's (cache when the features fit in a quarter of host memory); on = always cache; off = run the frozen prefix at every batch. Cached features are the un-augmented images': the block-wise phase then trains without augmentation")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
+    a('--compile', action='store_true', help="`torch.compile` the model in every job (`nn.Module.compile`: in place, the module and its weights' names stay)")
+    a('--speed-check', type=int, metavar='N', help="time N training iterations of the e2e step through fastai (`learn.fit`, this loader) and through a plain "
+      "PyTorch loop (same model, weights, precision, optimizer, batch size and augmentation op), in a job of its own; reports images/s and their ratio")
     a('--bf16', action='store_true', help="bf16 mixed precision (fastai's to_bf16; GPU only: on CPU it is ignored, as fastai's autocast is CUDA-only)")
     a('--resume', action='store_true', help="keep each finished job's result in --out/jobs/ and skip jobs already there with the same settings")
     a('--memory-check', type=float, metavar='FRACTION', help="GPU: re-run the block-wise phase under a CUDA memory cap of FRACTION x e2e's measured peak and report passed/failed")
@@ -194,6 +199,7 @@ def parse_args(
     if args.memory_history is not None and (args.memory_history < 1 or not args.device.startswith('cuda')):
         raise BenchError("--memory-history N records the last N >= 1 events of the CUDA allocator: it needs a GPU "
                          "(on a CPU, --tensor-memory profiles the tensors of a training step instead)")
+    if args.speed_check is not None and args.speed_check < 1: raise BenchError("--speed-check N times N >= 1 training iterations")
     if args.memory_check is not None and not 0 < args.memory_check <= 1: raise BenchError("--memory-check is a fraction of e2e's peak, in (0, 1]")
     if 'memory_check' in given and not args.device.startswith('cuda'):
         raise BenchError("--memory-check caps the CUDA allocator: it needs a GPU (with --preset on a CPU it is skipped)")
@@ -356,7 +362,64 @@ def _arm_snapshot(j:_Job):
     try: j.row('snapshot-swa')
     finally: learn.model = trained
 
-_ARM_FNS = {'e2e': _arm_e2e, 'boost': _arm_boost, 'boost+e2e': _arm_boost, 'freezeout': _arm_freezeout, 'snapshot': _arm_snapshot}
+class _StepTimer(Callback):
+    "Wall-clock of training iterations `start`..`start+n-1` (from the end of the one before), then the fit is cancelled"
+    order = ProgressCallback.order + 1   # after Recorder's and the progress bar's per-batch work: part of fastai's step
+    def __init__(self, start, n, cuda): self.start, self.n, self.cuda, self.losses = start, n, cuda, []
+    def after_batch(self):
+        if not self.training: return
+        k = self.train_iter - 1   # TrainEvalCallback (order -10) has counted this iteration already
+        if self.start <= k: self.losses.append(self.loss.detach())
+        if k == self.start - 1 or k == self.start + self.n - 1:
+            if self.cuda: torch.cuda.synchronize()
+            if k == self.start - 1: self.t = time.perf_counter()
+            else: self.s = time.perf_counter() - self.t; raise CancelFitException()
+
+def _train_tfm(dl):
+    "The loader's batch transforms (normalise, augment) as in training: a new `Pipeline`, since the loader's own applies the split of its last pass"
+    return Pipeline(dl.after_batch.fs, split_idx=0)
+
+def _plain_loop(model, x, y, tfm, opt, bs, n, start, amp, dev):
+    "A plain PyTorch training loop over uint8 tensors `x`, `y`: seconds of iterations `start`..`start+n-1`, and their losses"
+    perm, losses, scaler = torch.randperm(len(x)), [], torch.amp.GradScaler(dev.split(':')[0], enabled=amp == torch.float16)
+    model.train()
+    for k in range(start + n):
+        if k == start:
+            if dev.startswith('cuda'): torch.cuda.synchronize()
+            t = time.perf_counter()
+        i = perm[(k*bs) % (len(x) - bs + 1):][:bs]
+        xb = tfm(x[i].to(dev, non_blocking=True)).as_subclass(torch.Tensor); yb = y[i].to(dev, non_blocking=True)
+        with torch.autocast(dev.split(':')[0], dtype=amp) if amp else contextlib.nullcontext():
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+        if k >= start: losses.append(loss.detach())
+    if dev.startswith('cuda'): torch.cuda.synchronize()
+    return time.perf_counter() - t, losses
+
+def _arm_speed(j:_Job):
+    "`--speed-check N`: training images/s of the e2e step through fastai and through a plain PyTorch loop, same model and batches"
+    c, learn = j.cfg, j.learn
+    dl, dev, bs = learn.dls.train, c['device'], learn.dls.train.bs
+    start = min(max(3, c['speed_check'] // 5), max(1, len(dl) // 4))   # warm-up iterations (cudnn.benchmark, torch.compile)
+    n = min(c['speed_check'], len(dl) - start)                          # within one epoch: no validation pass inside the window
+    init = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    timer = _StepTimer(start, n, dev.startswith('cuda'))
+    learn.fit(1, c['lr'], cbs=timer)
+    fa_s, fa_loss = timer.s, torch.stack(timer.losses).float().mean().item()
+    learn.model.load_state_dict(init)   # the same initial weights for the plain loop
+    ps = [p for p in learn.model.parameters() if p.requires_grad]
+    opt = (torch.optim.SGD(ps, c['lr'], momentum=0.9, weight_decay=5e-4) if c['opt'] == 'sgd' else   # what _opt_func builds in fastai
+           torch.optim.AdamW(ps, c['lr'], betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01))
+    amp = torch.float16 if c['fp16'] else torch.bfloat16 if c['bf16'] and dev.startswith('cuda') else None
+    x, y = _tensors(dl.dataset)
+    tfm = _train_tfm(dl)
+    pl_s, pl_losses = _plain_loop(learn.model, x, y, lambda xb: tfm(TensorImage(xb)), opt, bs, n, start, amp, dev)
+    j.extra['speed'] = dict(iters=n, warmup=start, bs=bs, fastai_img_s=round(n*bs/fa_s, 1), plain_img_s=round(n*bs/pl_s, 1),
+                            ratio=round(pl_s/fa_s, 4), fastai_loss=round(fa_loss, 4),
+                            plain_loss=round(torch.stack(pl_losses).float().mean().item(), 4))
+
+_ARM_FNS = {'e2e': _arm_e2e, 'boost': _arm_boost, 'boost+e2e': _arm_boost, 'freezeout': _arm_freezeout, 'snapshot': _arm_snapshot,
+            'speed': _arm_speed}
 
 # %% ../nbs/05_bench.ipynb #c028c
 def _hold_out(x, y, frac, seed):
@@ -378,6 +441,9 @@ def run_job(
     xt, yt, xv, yv, classes = load_data(cfg['dataset'], cfg['data'], cfg['size'], cfg['subset'], cfg['test_subset'],
                                         cfg['seed'], cfg['cache'])
     xt, yt, held = _hold_out(xt, yt, cfg.get('holdout', 0.), cfg['seed'])
+    if dev.startswith('cuda'):   # the GPU fast path: the uint8 dataset lives on the GPU, so a batch is indexed there, never copied
+        xt, yt, xv, yv = [t.to(dev) for t in (xt, yt, xv, yv)]
+        if held: held = tuple(t.to(dev) for t in held)
     mem = PeakMemory(dev).start()
     cap, hist = cfg.get('memory_cap'), cfg.get('memory_history')
     if cap:   # what the allocator may reserve; cuDNN then picks algorithms whose workspace fits
@@ -396,6 +462,7 @@ def run_job(
             learn.model.to(memory_format=torch.channels_last)
         if cfg['fp16']: learn.to_fp16()
         elif cfg['bf16'] and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
+        if cfg.get('compile'): learn.model.compile()   # in place: callbacks still find the blocks by their names
         ev = _train_eval_idx(len(xt), cfg['seed'])
         train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
         hold_dl = dls.valid.new(tensor_dataset(*held, dls.vocab, split_idx=1)) if held else None
@@ -527,7 +594,7 @@ def _errmsg(e):
 
 # settings that do not change a job's result: where it is written, which other jobs run, the memory check
 # (`threads` does: the wall-clock columns of jobs run with different thread counts could not be compared)
-_NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'preset'}
+_NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'speed_check', 'preset'}
 
 def _job(job, cfg, out, resume, spawn, name=None):
     "Run one job, or with `resume` take its result from `out/jobs/` when it finished earlier with the same settings"
@@ -566,6 +633,12 @@ def _memory_check(res, cfg, out, resume, spawn):
         chk.update(peak_mb=r['rows'][0]['peak_mb'], test_acc=r['rows'][0]['test_acc'], allocator=r['extra'].get('memory_peak_boost'))
     return chk
 
+def _speed_line(sp):
+    "One line for the table: the speed check's images/s"
+    if 'error' in sp: return f"Speed check: failed, {sp['error'][:200]}"
+    return (f"Speed check ({sp['iters']} iterations of {sp['bs']} after {sp['warmup']} warm-up): fastai {sp['fastai_img_s']:g} images/s, "
+            f"a plain PyTorch loop {sp['plain_img_s']:g} images/s; fastai at {sp['ratio']:.2f} of the plain loop's speed.")
+
 def _memory_check_line(chk):
     "One line for the table: the memory check's verdict"
     if 'skipped' in chk: return f"Memory check ({chk['fraction']:g} x e2e's peak): skipped, {chk['skipped']}."
@@ -603,12 +676,17 @@ def run_bench(
         res['rows'] += r['rows']; res['curves'].update(r['curves']); res['extra'].update(r['extra'])
         res['memory'] = res['memory'] or r['memory']
     if args.memory_check: res['memory_check'] = _memory_check(res, cfg, out, args.resume, spawn)
+    if args.speed_check:
+        print(f"\n== speed check: {args.speed_check} training iterations, fastai against a plain PyTorch loop ==", flush=True)
+        r, msg = _job(['speed'], cfg, out, args.resume, spawn, name=f'speed{args.speed_check}')
+        res['speed'] = r['extra']['speed'] if r is not None else dict(error=msg)
     res['rows'].sort(key=lambda r: ARMS.index(r['arm'].split('-')[0]))   # snapshot-ens5, snapshot-swa after snapshot
     e2e = next((r for r in res['rows'] if r['arm'] == 'e2e' and 'error' not in r), None)
     for r in res['rows']:   # the wall-clock each arm needs to reach e2e's final accuracy (time to accuracy)
         if e2e and r['arm'] in res['curves']: r['to_e2e_acc_s'] = time_to_acc(res['curves'][r['arm']], e2e['test_acc'])
     res['table'] = bench_table(res['rows'], res['memory'] or '')
     if res.get('memory_check'): res['table'] += '\n\n' + _memory_check_line(res['memory_check'])
+    if res.get('speed'): res['table'] += '\n\n' + _speed_line(res['speed'])
     res['figures'] = bench_figures(res, out)
     res['total_s'] = round(time.perf_counter() - t0, 1)
     (out/'bench.json').write_text(json.dumps(res, indent=1))
