@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import contextlib, itertools, math, os, time
+import contextlib, itertools, math, os, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -150,9 +150,13 @@ def _host_memory() -> int:
     except (AttributeError, ValueError, OSError): return 0
 
 def _cache_bytes(dls, shapes, dtype, flip=False) -> int:
-    "Host memory the feature cache can need: every training (twice with `flip`) and validation item at the widest of `shapes`, twice (a block that changes the shape fills a new tensor while the old one is held)"
-    n = (1 + flip) * len(getattr(dls.train, 'dataset', ())) + len(getattr(dls.valid, 'dataset', ()))
-    return 2 * n * max(math.prod(s[1:]) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    "Host memory the feature cache can peak at: every training (twice with `flip`) and validation item at a block's input `shapes[k]`, plus its next input where the shape changes (`FeatureCache.advance` fills a new tensor while the old one is held)"
+    nt = len(getattr(dls.train, 'dataset', ())); ns = [nt, len(getattr(dls.valid, 'dataset', ()))] + [nt] * flip   # rows of each split
+    def advancing(a, b):   # items' sizes before and after a block that changes the shape: split s is being refilled
+        return max(sum(ns[:s])*b + n*(a + b) + sum(ns[s+1:])*a for s, n in enumerate(ns))
+    sz = [math.prod(s[1:]) for s in shapes]
+    held = [sum(ns) * sz[0]] + [advancing(a, b) if sa[1:] != sb[1:] else sum(ns) * a for sa, sb, a, b in zip(shapes, shapes[1:], sz, sz[1:])]
+    return max(held) * torch.empty((), dtype=dtype).element_size()
 
 def _eval_batches(dl, shuffle=False):
     "The batches of all of `dl`'s items (in order, or shuffled), through its validation-time transforms (fastai's `split_idx=1`)"
@@ -299,7 +303,11 @@ def _build_heads(self:BoostResNetCallback, learn, has_valid) -> torch.Tensor:
         for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
     n_out = self.final_head(xb).shape[-1]
     if self.cache == 'auto':   # per process: under DDP every rank holds the whole cache
-        self.do_cache = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype, self.cache_flip) * max(1, num_distrib()) <= _host_memory() / 4
+        need = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype, self.cache_flip) * max(1, num_distrib())
+        self.do_cache = need <= _host_memory() / 4
+        if not self.do_cache: warnings.warn(f"BoostResNetCallback(cache='auto') does not cache: the features would need up to {need/2**30:.1f} GiB, more "
+            "than a quarter of this machine's memory, so each stage runs the frozen blocks at every batch (slower). cache=True caches anyway; "
+            "cache_dtype=torch.float16 halves the need")
     self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
     return x1
 
@@ -508,12 +516,16 @@ class FeatureCache:
             self.x.append(torch.cat(xx) if xx else self.x[0][:0]); self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
         if flip: self.x.append(self.x[0].flip(-1)); self.y.append(self.y[0])   # split 2: the flipped training images
         self.seed = int(torch.randint(2**31, ()))   # of the flips: drawn once, so that iteration k's flips do not depend on what ran before
+        self.peak = self.nbytes   # the most the cache has held so far, in bytes
         tdl = dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
         self.loaders = (DataLoader(ds(len(self.y[0])), bs=tdl.bs, shuffle=tdl.shuffle, drop_last=tdl.drop_last, device=device),
                         DataLoader(ds(len(self.y[1])), bs=dls.valid.bs, shuffle=False, device=device))   # indices, shaped like the learner's loaders
         if len(self.loaders[0]) != len(tdl):
             raise RuntimeError(f"the cached loader has {len(self.loaders[0])} batches per epoch, the learner's {len(tdl)}: use cache=False")
+
+    @property
+    def nbytes(self) -> int: return sum(t.nbytes for t in self.x)   # the features held now
 
     def batch(self, split:int, idx) -> tuple:
         "Features and labels of rows `idx` of `split` (0: training, 1: validation), on the device"
@@ -546,6 +558,7 @@ class FeatureCache:
                 # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
                 # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
                 dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.dtype)
+                if dst is not f: self.peak = max(self.peak, self.nbytes + dst.nbytes)
                 dst[:len(y)] = y
                 for i in range(c, len(f), c): dst[i:i+c] = run(f[i:i+c])
                 self.x[s] = dst
