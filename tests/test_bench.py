@@ -155,3 +155,16 @@ def test_preset_study_smoke_and_resume(tmp_path):
 def test_memory_check_needs_a_gpu(tmp_path):
     r = subprocess.run([*cli(), '--memory-check', '0.3', '--device', 'cpu'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and 'needs a GPU' in r.stderr, r.stderr[-2000:]
+
+def test_compile_and_speed_check(tmp_path):
+    "`--compile` trains through `torch.compile` (dynamo captures graphs); `--speed-check` ends the table with fastai's and a plain loop's speed"
+    import torch._dynamo
+    from fastboost.bench import parse_args, run_bench
+    torch._dynamo.reset(); torch._dynamo.utils.counters.clear()
+    args = parse_args([*TINY, '--arms', 'e2e', '--epochs', '1', '--compile', '--speed-check', '4', '--out', str(tmp_path/'out')])
+    res = run_bench(args, spawn=False)   # in this process, so that dynamo's counters are this test's
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > 0
+    assert res['errors'] == {} and res['rows'][0]['arm'] == 'e2e'
+    sp = res['speed']
+    assert (sp['iters'], sp['bs']) == (4, 8) and sp['fastai_img_s'] > 0 and sp['plain_img_s'] > 0, sp
+    assert 'Speed check (4 iterations of 8' in res['table']
