@@ -140,16 +140,17 @@ def test_preset_study_smoke_and_resume(tmp_path):
     assert [row['arm'] for row in res['rows']] == ARMS and res['errors'] == {}
     assert res['extra']['n_blocks'] == 17
     assert res['memory_check']['skipped'].startswith('needs a GPU') and 'Memory check (0.3' in r.stdout
+    assert res['speed']['fastai_img_s'] > 0 and 'Speed check (' in r.stdout   # the preset's speed check, a job of its own
     jobs = sorted(f.name for f in (out/'jobs').iterdir())
-    assert jobs == ['boost+boost+e2e.json', 'e2e.json', 'freezeout.json', 'snapshot.json'], jobs
+    assert jobs == ['boost+boost+e2e.json', 'e2e.json', 'freezeout.json', 'snapshot.json', 'speed50.json'], jobs
 
     r2 = run()   # everything finished: nothing trains, the same table
-    assert r2.returncode == 0 and r2.stdout.count('finished earlier') == 4, r2.stdout[-2000:]
+    assert r2.returncode == 0 and r2.stdout.count('finished earlier') == 5, r2.stdout[-2000:]
     assert json.loads((out/'bench.json').read_text())['rows'] == res['rows']
 
     (out/'jobs'/'snapshot.json').unlink()
     r3 = run()
-    assert r3.returncode == 0 and r3.stdout.count('finished earlier') == 3, r3.stdout[-2000:]
+    assert r3.returncode == 0 and r3.stdout.count('finished earlier') == 4, r3.stdout[-2000:]
     assert (out/'jobs'/'snapshot.json').exists()
 
 def test_memory_check_needs_a_gpu(tmp_path):
