@@ -22,7 +22,8 @@ from fastai.optimizer import OptimWrapper
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import params, to_device, rank_distrib, num_distrib
 from .blocks import body_blocks, block_flops, is_unit, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer, save_atomic, any_rank, Restores, stop_fit
+from .core import (check_alone, distributed_trainer, save_atomic, any_rank, Restores, stop_fit, acts,
+                            lr_schedule, peak_lrs, param_groups, take_over)
 
 # %% auto #0
 __all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head', 'pool_head',
@@ -189,6 +190,10 @@ class BoostResNetCallback(Restores, Callback):
     # After TrainEvalCallback (-10), which counts iterations and calls `model.train()`; before MixedPrecision (10),
     # Recorder (50) and ProgressCallback (60), so they all see the stage model, its batch and its data loader.
     order = TrainEvalCallback.order + 1
+    # the fit's machinery, not its results: not pickled by `learn.export` (the records are)
+    _stateattrs = ('learner', 'user_model', 'final_head', 'blocks', 'heads', 'stage', '_saved', '_features', '_lr', '_stage_start', '_dt')
+    def _init_state(self):
+        for a in self._stateattrs: setattr(self, a, None)
     def __init__(self,
         loss:str='ce',           # 'ce': learner's loss on each block's classifier (the study); 'boost': the paper's boosting loss
         budget='equal',          # 'equal', 'flops' (proportional to each block's cost), or a list (iterations or weights)
@@ -222,19 +227,24 @@ class BoostResNetCallback(Restores, Callback):
     # --- fit lifecycle -------------------------------------------------------------------------------------------
     def before_fit(self):
         self.restore()  # a previous fit that died without after_fit
-        if any(isinstance(cb, LRFinder) for cb in self.learn.cbs) or not hasattr(self.learn, 'opt') or self.learn.opt is None:
-            self.run = False; return
+        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: as if absent
         has_valid = self._check_fit()
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
         self._take_model(learn)
+        ps, total = lr_schedule(learn), self._total_iters(learn)
+        # each block at its parameter group's rate (discriminative rates of a `slice`), its classifier at the head's:
+        # what `fit` set, or the peak of the fit method's schedule, which the stages' own schedules replace
+        self.lr_max, self._groups = peak_lrs(learn), param_groups(learn.opt, self.blocks)
+        self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
         self._save_learner(learn)   # what we change, to put back in after_fit
         self._active = True
         x1 = self._build_heads(learn, has_valid)
-        self._set_budget(self._total_iters(learn), x1)
-        self.lr_max = learn.opt.hypers[-1]['lr']
-        self._hypers = {k: v for k, v in learn.opt.hypers[-1].items() if k != 'lr'}   # wd (`fit(wd=...)` included), moms, eps
+        self._set_budget(total, x1)
+        if ps is not None: take_over(self, ps, "each block's stage follows its own schedule (`sched`)")
+        self._say_augmentation(learn)
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
+        self._phase_done = False
         if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype, flip=self.cache_flip)
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
         self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
@@ -244,15 +254,18 @@ class BoostResNetCallback(Restores, Callback):
     def after_epoch(self):
         if self._pending is not None: k, self._pending = self._pending, None; self._start_stage(k)
 
-    def after_fit(self): self.restore(ddp_shell=True)
+    def after_fit(self):
+        left = len(self.blocks) - len(self.records) if self._active else 0
+        if left and not self._phase_done: warnings.warn(
+            f"BoostResNetCallback: the fit ended before {left} of {len(self.blocks)} blocks were trained (blocks "
+            f"{len(self.records)}-{len(self.blocks)-1} keep their weights from before it). Fit again for the whole budget; "
+            "with checkpoint=NAME a fit can resume from the last finished block (resume=True)")
+        self.restore(ddp_shell=True)
 
 # %% ../nbs/02_boost.ipynb #c016su
 @patch
 def _check_fit(self:BoostResNetCallback) -> bool:
     "Refuse what cannot work, before anything changes; whether the DataLoaders have validation batches"
-    others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, ParamScheduler)]
-    if others: raise ValueError(f"BoostResNetCallback schedules the learning rate of each stage itself, but {others} "
-                                f"also sets it: call `learn.fit(n_epoch, lr, cbs=BoostResNetCallback())`, not fit_one_cycle/fit_flat_cos")
     if self.loss_type == 'boost' and not _is_classification(self.learn.loss_func):
         raise ValueError(f"loss='boost' is multi-class boosting and needs a single-label classification loss "
                          f"(cross-entropy); the learner has {type(self.learn.loss_func).__name__}. Use loss='ce'.")
@@ -265,6 +278,21 @@ def _check_fit(self:BoostResNetCallback) -> bool:
         raise ValueError(f"stop='plateau' watches each stage on the validation set, but the DataLoaders have no "
                          f"validation batches: give them a validation set (e.g. `valid_pct=0.2`) or use stop=None")
     return has_valid
+
+def _random_tfms(dl) -> list:
+    "Names of the training-only (random) transforms of a fastai `DataLoader`: per item or per batch"
+    return [type(t).__name__ for p in ('after_item', 'before_batch', 'after_batch')
+            for t in getattr(getattr(dl, p, None), 'fs', []) if getattr(t, 'split_idx', None) == 0]
+
+@patch
+def _say_augmentation(self:BoostResNetCallback, learn):
+    "Warn once when the cache turns the training set's random transforms off in the stages"
+    tfms = _random_tfms(learn.dls.train) if self.do_cache else []
+    if tfms: warnings.warn(
+        f"BoostResNetCallback caches the frozen blocks' outputs once per stage, so the stages train without the training "
+        f"set's random transforms ({', '.join(dict.fromkeys(tfms))}){': only horizontal flips are kept (cache_flip=True)' if self.cache_flip else ''}. "
+        "To keep augmentation: cache=False (the frozen blocks then run at every batch: slower), or cache_flip=True for "
+        "flips. Fine-tuning end to end afterwards (`fit_boostresnet(fine_tune=k)`) uses them again")
 
 @patch
 def _take_model(self:BoostResNetCallback, learn):
@@ -366,10 +394,11 @@ def _start_stage(self:BoostResNetCallback, k):
     # the paper's objective for module t+1: the costs of s_t cancel in the telescoping sum (see "The boosting loss")
     learn.loss_func = boost_loss if self.loss_type == 'boost' else self._saved['loss_func']
     learn.opt = _create_opt(learn, block, head)
-    learn.opt.set_hypers(**self._hypers, lr=self.lr_max)
-    if self.sched == 'one_cycle': self._lr = combined_cos(self.pct_start, self.lr_max/25, self.lr_max, self.lr_max/1e5)
-    elif self.sched == 'cos': self._lr = combined_cos(0., self.lr_max, self.lr_max, self.lr_max/1e5)
-    else: self._lr = lambda pos: self.lr_max
+    lrs = self.lr_max[[self._groups[k], -1]]   # the block at its group's rate, the classifier at the head's
+    learn.opt.set_hypers(**self._hypers, lr=lrs)
+    if self.sched == 'one_cycle': self._lr = combined_cos(self.pct_start, lrs/25, lrs, lrs/1e5)
+    elif self.sched == 'cos': self._lr = combined_cos(0., lrs, lrs, lrs/1e5)
+    else: self._lr = lambda pos: lrs
     self._start_it = self.ends[k] - self.iters[k]
     self._t0, self._loss_sum, self._correct, self._seen, self._nb = time.perf_counter(), 0., 0, 0, 0
     self._best, self._bad = math.inf, 0
@@ -494,9 +523,10 @@ def _next(self:BoostResNetCallback):
         # fastai's Recorder and progress table report the stage just trained, not an untrained classifier
         if self.learn.iter == self.learn.n_iter - 1: self._pending = k + 1
         else: self._start_stage(k + 1)
-    elif self.learn.train_iter < len(self.learn.dls.train) * self.learn.n_epoch:
-        # the phase ended early (plateau or gamma_stop): skip the iterations left
-        raise CancelFitException("block-wise phase done")
+    else:
+        self._phase_done = True   # every block trained, or gamma_stop ended the phase: no warning in `after_fit`
+        if self.learn.train_iter < len(self.learn.dls.train) * self.learn.n_epoch:
+            raise CancelFitException("block-wise phase done")   # it ended early (plateau or gamma_stop): skip the iterations left
 
 
 # %% ../nbs/02_boost.ipynb #c016fc

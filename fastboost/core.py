@@ -6,14 +6,16 @@ Docs: https://fastboost.github.io/fastboost/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #k002
 from __future__ import annotations
-import json, warnings
+import json, sys, warnings
 from pathlib import Path
-import torch
+import numpy as np, torch
 from fastcore.xtras import atomic_save
 from fastai.callback.core import CancelFitException
+from fastai.callback.schedule import ParamScheduler
 
 # %% auto #0
-__all__ = ['OURS', 'is_ours', 'check_alone', 'distributed_trainer', 'world_size', 'all_ranks', 'any_rank', 'Restores',
+__all__ = ['OURS', 'is_ours', 'check_alone', 'fit_method', 'acts', 'lr_schedule', 'scheduled_lrs', 'restarts', 'take_over',
+           'peak_lrs', 'param_groups', 'distributed_trainer', 'world_size', 'all_ranks', 'any_rank', 'Restores',
            'nonfinite', 'stop_fit', 'save_atomic', 'leftovers']
 
 # %% ../nbs/00_core.ipynb #k006
@@ -38,6 +40,92 @@ def check_alone(
     raise ValueError(f"{me} cannot run in the same fit as {'another ' if other == me else ''}{other}: both set the "
                      f"learning rate and the trainable parameters. Run them in separate fits, e.g. "
                      f"`learn.fit(n, lr, cbs={other}(...))`, then `learn.fit(m, lr, cbs={me}(...))`")
+
+# %% ../nbs/00_core.ipynb #h001
+_FIT_METHODS = ('fine_tune', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr')
+
+def fit_method(
+    learn,  # the learner whose `before_fit` is running
+) -> str|None:
+    "The fastai method that started this training fit ('fine_tune', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr', else 'fit'), or None in `lr_find` and the validation contexts that also send `before_fit`"
+    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return None   # fastai's own test (TrackerCallback)
+    f, names, fitting = sys._getframe(1), [], False
+    while f is not None:
+        if f.f_locals.get('self') is learn:
+            names.append(f.f_code.co_name)
+            fitting = fitting or (f.f_code.co_name == '_with_events' and f.f_locals.get('event_type') == 'fit')
+        f = f.f_back
+    if not fitting: return None
+    return next((n for n in reversed(names) if n in _FIT_METHODS), 'fit')   # the outermost: fine_tune calls fit_one_cycle
+
+def acts(
+    cb,  # one of our callbacks, in its `before_fit`
+) -> bool:
+    "Does `cb` act in this fit? If not (lr_find, validation contexts, a frozen body) sets `cb.run = False` for the rest of it"
+    learn = cb.learn
+    kind = fit_method(learn)
+    frozen = kind is not None and getattr(learn.opt, 'frozen_idx', 0) > 0
+    if frozen and kind != 'fine_tune':
+        warnings.warn(f"{type(cb).__name__} does nothing in this fit: the body is frozen (`learn.freeze()`; a pretrained "
+                      "`vision_learner` starts frozen), so only the head trains. Call `learn.unfreeze()` first, or use "
+                      "`learn.fine_tune`, in whose unfrozen epochs the callback acts")
+    cb.run = kind is not None and not frozen
+    return cb.run
+
+# %% ../nbs/00_core.ipynb #s001
+def lr_schedule(
+    learn,  # the learner whose `before_fit` is running
+) -> ParamScheduler|None:
+    "The fit's `ParamScheduler` that sets the learning rate (fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune), or None"
+    return next((c for c in learn.cbs if isinstance(c, ParamScheduler) and 'lr' in c.scheds), None)
+
+def scheduled_lrs(
+    ps:ParamScheduler,  # a scheduler with an 'lr' schedule
+    n_iter:int,         # training iterations of the fit
+    n_groups:int,       # parameter groups of the optimizer
+) -> np.ndarray:
+    "The learning rate `ps` sets at each training iteration, per parameter group: (n_iter, n_groups)"
+    f, pos, res = ps.scheds['lr'], 0., []
+    for t in range(n_iter):   # `pos` summed as fastai sums `pct_train`, so a restart falls on the iteration it does
+        res.append(np.broadcast_to(np.asarray(f(pos), dtype=float).reshape(-1), (n_groups,))); pos += 1. / n_iter
+    return np.stack(res)
+
+def restarts(
+    lrs,  # a learning rate per iteration
+) -> list[int]:
+    "Iterations where the rate jumps back up after it fell: SGDR's restarts (a one-cycle warm-up is not one)"
+    out, fell = [], False
+    for t in range(1, len(lrs)):
+        if lrs[t] < lrs[t-1]: fell = True
+        elif lrs[t] > lrs[t-1] and fell: out.append(t); fell = False
+    return out
+
+def take_over(
+    cb,                 # our callback, in its `before_fit`
+    ps:ParamScheduler,  # the fit's scheduler, which stops for this fit (fastai sets `run` back after the fit)
+    what:str,           # what the callback does instead
+):
+    "Stop `ps` for this fit, saying so (a warning Python shows once)"
+    ps.run = False
+    warnings.warn(f"{type(cb).__name__} sets the learning rate itself in this fit: {what}. The fit method's schedule "
+                  "is not used, its peak learning rate per parameter group is")
+
+def peak_lrs(
+    learn,  # the learner whose `before_fit` is running
+) -> np.ndarray:
+    "Each parameter group's learning rate for this fit: the peak of the fit method's schedule, else what `fit` set"
+    ps, n = lr_schedule(learn), len(learn.opt.hypers)
+    if ps is None: return np.array([h['lr'] for h in learn.opt.hypers], dtype=float)
+    f = ps.scheds['lr']   # on a grid of 0.001: fastai's peaks sit at round fractions (pct_start), iterations may miss them
+    return np.max([np.broadcast_to(np.asarray(f(p), dtype=float).reshape(-1), (n,)) for p in np.linspace(0, 1, 1001)], axis=0)
+
+def param_groups(
+    opt,      # a fastai optimizer
+    modules,  # modules whose parameters are in it
+) -> list[int]:
+    "The parameter group of `opt` that holds each module's first parameter (-1: the last group, for a module without any)"
+    where = {id(p): i for i, ps in enumerate(opt.param_lists) for p in ps}
+    return [next((where[id(p)] for p in m.parameters() if id(p) in where), -1) for m in modules]
 
 # %% ../nbs/00_core.ipynb #k009
 def distributed_trainer(

@@ -21,7 +21,9 @@ from fastai.torch_core import get_model
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
-from .core import check_alone, distributed_trainer, all_ranks, Restores, nonfinite, stop_fit
+import warnings
+from .core import (check_alone, distributed_trainer, all_ranks, Restores, nonfinite, stop_fit, acts,
+                            lr_schedule, peak_lrs, param_groups)
 
 # %% auto #0
 __all__ = ['freeze_times', 'freeze_iters', 'freezeout_lr', 'stage_costs', 'predicted_saving', 'FreezeOutCallback']
@@ -166,6 +168,11 @@ def _ddp_like(ddp, dt=None):
 class FreezeOutCallback(Restores, Callback):
     "FreezeOut (Brock et al. 2017): each block's learning rate annealed to zero, then the block frozen for real; at fixed times or (`t0='auto'`) once it has settled"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
+    # the fit's machinery, not its results: not pickled by `learn.export` (the report and speed-up are)
+    _stateattrs = ('learner', '_sched', '_ps', '_dt', '_old_opt', '_rg', '_modes', '_untracked', '_ddp', '_ddp0', '_prev', '_w0')
+    def _init_state(self):
+        for a in self._stateattrs: setattr(self, a, None)
+        self._rg, self._modes, self._untracked = [], {}, []
     def __init__(self,
         t0:float=0.8,          # fraction of training at which the first block freezes (before scaling); 'auto': when it has settled
         schedule:str='cubic',  # 'linear', 'squared' or 'cubic' scaling of the freeze times
@@ -194,13 +201,13 @@ class FreezeOutCallback(Restores, Callback):
     def before_fit(self):
         if self._active: self.restore()   # left over from an interrupted fit of a callback kept in `learn.cbs`
         lrn = self.learn
-        if any(isinstance(c, LRFinder) for c in lrn.cbs): self.run = False; return
+        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: as if absent
         self._check_fit(lrn)
         blocks = body_blocks(lrn.model)
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "
                                    "block; train for more epochs or use a smaller batch size")
-        self._plan_freezes(lrn, n, T)
+        self._plan_freezes(lrn, blocks, T)
         # everything checked: from here on we change the learner, and `restore` undoes it
         self.learner, self.blocks, self.total_iters = lrn, blocks, T
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
@@ -224,11 +231,8 @@ class FreezeOutCallback(Restores, Callback):
             self._check_finite()   # a block is frozen only with finite weights
             while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.it: self._freeze(self.n_frozen)
             if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
-        if not self.auto:   # 'auto' leaves the learning rates to the fit's schedule
-            t = self.it/self.total_iters
-            lrs = [freezeout_lr(t, ti, l0, self.warmup) for ti,l0 in zip(self.times, self.block_lr0)]
-            lrs += [freezeout_lr(t, 1., self.base_lr, self.warmup)]*(self.n_groups - len(lrs))    # the head: plain cosine over all of training
-            self.learn.opt.set_hyper('lr', lrs)
+        if not self.auto and self._sched is None:   # 'auto' leaves the rates to the fit; a fit method's scheduler sets `_lrs_at`'s
+            self.learn.opt.set_hyper('lr', self._lrs_at(self.it/self.total_iters))
         if self.timing: self._t = self._now()
 
     def after_batch(self):
@@ -238,20 +242,28 @@ class FreezeOutCallback(Restores, Callback):
     def after_train(self): self._check_finite()
 
     def after_fit(self):
-        if self._active: self._finish(); self.restore()
+        if not self._active: return
+        self._finish()
+        if not self.n_frozen: warnings.warn(
+            "FreezeOutCallback froze no block in this fit, so it saved no compute: " + ("with t0='auto' no block settled "
+            f"(its movement still ahead stayed above tol={self.tol}); a longer fit, a higher tol or a fixed t0 freezes blocks"
+            if self.auto else f"it ended at iteration {self.it + 1} of {self.total_iters}, before the first freeze "
+            f"(iteration {self.iters[0]}); a smaller t0 freezes earlier"))
+        self.restore()
 
 # %% ../nbs/03_freezeout.ipynb #c014d
 @patch
 def _check_fit(self:FreezeOutCallback, lrn):
     "Refuse what cannot work, before anything changes"
-    sch = [type(c).__name__ for c in lrn.cbs if isinstance(c, ParamScheduler)]
     if self.t0 == 'auto':
         if any(getattr(c, '_skip_to', 0) for c in lrn.cbs if type(c).__name__ == 'SkipToEpoch'):   # fit(..., start_epoch=)
             raise ValueError("FreezeOutCallback(t0='auto') cannot resume a fit (`start_epoch`): its freeze decisions "
                              "depend on the weights' whole history, which is not saved. Fit from the start, or resume "
                              "with a fixed t0 (e.g. the freeze times in `cb.report.t_freeze`)")
-    elif sch: raise ValueError(f"FreezeOutCallback sets every block's learning rate itself and cannot run with {sch[0]} "
-                             "(added by fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune): use `learn.fit` or `learn.fit_freezeout`")
+    elif self.warmup and lr_schedule(lrn) is not None:
+        raise ValueError(f"FreezeOutCallback(warmup={self.warmup}) puts a warm-up before each block's cosine under `learn.fit`; "
+                         "under fit_one_cycle, fit_flat_cos, fit_sgdr and fine_tune each block rides the method's own "
+                         "schedule, warm-up included: drop warmup, or call `learn.fit`")
     if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
         raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
     check_alone(self, lrn.cbs)   # BoostResNet (order -9) has already swapped in its stage model: it is put back first
@@ -266,15 +278,34 @@ def _check_fit(self:FreezeOutCallback, lrn):
                          "`learn.distrib_ctx()`, or build it with find_unused_parameters=True")
 
 @patch
-def _plan_freezes(self:FreezeOutCallback, lrn, n, T):
+def _plan_freezes(self:FreezeOutCallback, lrn, blocks, T):
     "Each block's freeze time and iteration, and the learning rate it starts at (with `t0='auto'` the freeze times are decided during the fit)"
+    n = len(blocks)
     self.auto = self.t0 == 'auto'
     self.times = [1.]*n if self.auto else freeze_times(n, self.t0, self.schedule)   # 'auto': decided during the fit
     self.iters = freeze_iters(self.times, T)
-    self.base_lr = lrn.opt.hypers[-1]['lr']
+    # each block starts at the rate of the learner's parameter group that holds it (a `slice` gives earlier groups less):
+    # what `fit` set, or the peak of the fit method's schedule, which the blocks then ride (`_lrs_at`)
+    lrs, self._groups, self._n_groups0 = peak_lrs(lrn), param_groups(lrn.opt, blocks), len(lrn.opt.hypers)
+    ps = lr_schedule(lrn)
+    self._sched, self._ps = (None, None) if self.auto or ps is None else (ps.scheds['lr'], ps)
+    self.base_lr = lrs[-1]
     # Adam-type steps (a second-moment hyper, `sqr_mom`) do not shrink with the gradient: lr/t_i is then t_i times the step
     self.scaled = None if self.auto else 'sqr_mom' not in lrn.opt.hypers[-1] if self.scale_lr == 'auto' else self.scale_lr
-    self.block_lr0 = [self.base_lr/t if self.scaled else self.base_lr for t in self.times]
+    self._div = [t if self.scaled else 1. for t in self.times]   # block i at lr/t_i when scaled
+    self.block_lr0 = [lrs[g]/d for g, d in zip(self._groups, self._div)]
+
+@patch
+def _lrs_at(self:FreezeOutCallback, t:float) -> list:
+    "Every parameter group's learning rate at training fraction `t`: each block's, then the head's"
+    if self._sched is None:   # `learn.fit`: the paper's cosine per block, over all of training for the head
+        lrs = [freezeout_lr(t, ti, l0, self.warmup) for ti, l0 in zip(self.times, self.block_lr0)]
+        head = freezeout_lr(t, 1., self.base_lr, self.warmup)
+    else:   # a fit method's schedule S: block i runs all of S within its own training time [0, t_i), the head S itself
+        S = lambda p: np.broadcast_to(np.asarray(self._sched(p), dtype=float).reshape(-1), (self._n_groups0,))
+        lrs = [float(S(t/ti)[g])/d if t < ti else 0. for ti, g, d in zip(self.times, self._groups, self._div)]
+        head = float(S(t)[-1])
+    return lrs + [head]*(self.n_groups - len(lrs))
 
 @patch
 def _per_block_opt(self:FreezeOutCallback, lrn):
@@ -290,6 +321,7 @@ def _per_block_opt(self:FreezeOutCallback, lrn):
     # (`SaveModelCallback`) writes it in the learner's own layout, so `learn.load` reads it back to resume
     _move_state(self._old_opt, lrn.opt)
     _save_as(lrn.opt, self._old_opt)
+    if self._ps is not None: self._ps.scheds['lr'] = self._lrs_at   # the fit's scheduler now sets every block's rate
 
 # %% ../nbs/03_freezeout.ipynb #c014f
 @patch
@@ -377,6 +409,7 @@ def _undo(self:FreezeOutCallback):
         for ms in self._modes.values():
             for m,t in ms: m.train(t)
     if opt is not self._old_opt: _move_state(opt, self._old_opt)
+    if getattr(self, '_ps', None) is not None: self._ps.scheds['lr'], self._ps = self._sched, None   # the scheduler's own schedule back
     # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
     if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
     lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
@@ -430,11 +463,11 @@ def plot(self:FreezeOutCallback,
 
 def _plot_lrs(cb, ax, cols, k):
     T = cb.total_iters
-    for i, (ti, l0, f) in enumerate(zip(cb.times, cb.block_lr0, cb.iters)):
-        ax.plot(k, [freezeout_lr(x/T, ti, l0, cb.warmup) for x in k], color=cols[i], lw=1,
-                label=f'block {i}' if i in (0, len(cb.times)-1) else None)
+    lrs = np.array([cb._lrs_at(x/T) for x in k])
+    for i, f in enumerate(cb.iters):
+        ax.plot(k, lrs[:, i], color=cols[i], lw=1, label=f'block {i}' if i in (0, len(cb.times)-1) else None)
         if f < T: ax.plot(f, 0, 'o', color=cols[i], ms=4)
-    ax.plot(k, [freezeout_lr(x/T, 1., cb.base_lr, cb.warmup) for x in k], 'k--', lw=1, label='head')
+    ax.plot(k, lrs[:, -1], 'k--', lw=1, label='head')
     ax.set(xlabel='iteration', ylabel='learning rate', title='learning rate per block (dot: frozen)'); ax.legend()
 
 def _plot_auto(cb, ax, cols):

@@ -22,10 +22,12 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder, sched_cos, sched_lin
 from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import get_model, rank_distrib
-from .core import check_alone, save_atomic, leftovers, world_size, all_ranks, Restores, nonfinite, stop_fit
+from .core import (check_alone, save_atomic, leftovers, world_size, all_ranks, Restores, nonfinite, stop_fit,
+                            acts, lr_schedule, scheduled_lrs, restarts, take_over, peak_lrs)
 
 # %% auto #0
-__all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback']
+__all__ = ['snapshot_schedule', 'calibration_error', 'disagreement', 'SnapshotEnsemble', 'SnapshotEnsembleCallback',
+           'MemberGroups']
 
 # %% ../nbs/04_snapshot.ipynb #c007
 def _n_warmup(warmup, n_iter):
@@ -116,8 +118,8 @@ def _step_skipped(learn) -> bool:
 class SnapshotEnsembleCallback(Restores, Callback):
     "Cosine LR cycles with restarts and a snapshot of the weights at the end of each cycle (Snapshot Ensembles)"
     order, run_valid = ParamScheduler.order + 1, False
-    _stateattrs = ('learner', '_model', '_cache', 'snapshots')   # pickling a learner (`export`) does not carry M copies of the model
-    def _init_state(self): self._state, self.learner, self._model, self._cache, self.snapshots = {}, None, None, {}, []
+    _stateattrs = ('learner', '_model', '_cache', 'snapshots', '_took')   # pickling a learner (`export`) does not carry M copies of the model
+    def _init_state(self): self._state, self.learner, self._model, self._cache, self.snapshots, self._took = {}, None, None, {}, [], None
     def __init__(self,
         n_cycles:int=4,            # cosine cycles, i.e. snapshots
         warmup:int|float=0.1,      # linear warm-up before the first cycle: iterations (int) or fraction of the fit (float)
@@ -139,17 +141,16 @@ class SnapshotEnsembleCallback(Restores, Callback):
 
     def before_fit(self):
         learn = self.learn
-        if any(isinstance(c, LRFinder) for c in learn.cbs):
-            self.run = False; return   # lr_find trains a throw-away copy: no schedule, no snapshots
-        clash = [type(c).__name__ for c in learn.cbs if isinstance(c, ParamScheduler) and 'lr' in c.scheds]
-        if clash: raise ValueError(
-            f"SnapshotEnsembleCallback schedules the learning rate itself, and {', '.join(clash)} also does (fit_one_cycle, "
-            "fit_sgdr and fit_flat_cos add one): use `learn.fit(n_epoch, lr, cbs=cb)` or `learn.fit_snapshot(...)`")
+        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: the snapshots stay
         check_alone(self, learn.cbs)
-        n_it = len(learn.dls.train)
-        lrs, ends = snapshot_schedule(learn.n_epoch * n_it, self.n_cycles, self.warmup, self.cycle_mult, self.first, self.restart_lr)  # may raise: nothing changed yet
-        lr0 = np.array([h['lr'] for h in learn.opt.hypers])
-        meta = dict(n_iter=learn.n_epoch * n_it, iters_per_epoch=n_it, ends=[int(e) for e in ends], lr0=lr0.tolist())
+        n_it = len(learn.dls.train); T = learn.n_epoch * n_it
+        ps, lr_fit = lr_schedule(learn), np.array([h['lr'] for h in learn.opt.hypers])
+        sched = scheduled_lrs(ps, T, len(lr_fit)) if ps is not None else None
+        ride = sched is not None and bool(restarts(sched[:, -1]))   # fit_sgdr: a snapshot at each of its restarts
+        if ride: lrs, ends = None, restarts(sched[:, -1]) + [T]
+        else: lrs, ends = snapshot_schedule(T, self.n_cycles, self.warmup, self.cycle_mult, self.first, self.restart_lr)  # may raise: nothing changed yet
+        lr0 = peak_lrs(learn)   # each group's peak: what `fit` set, or the fit method's schedule's
+        meta = dict(n_iter=T, iters_per_epoch=n_it, ends=[int(e) for e in ends], lr0=lr0.tolist())
         start = next((c._skip_to for c in learn.cbs if isinstance(c, SkipToEpoch)), 0) * n_it   # fit(..., start_epoch=)
         sdir = Path(learn.path) / learn.model_dir if self.storage == 'disk' else None
         kept = self._resumed(meta, lrs, start, sdir) if self.resume and start else []   # may raise: nothing changed yet
@@ -160,17 +161,21 @@ class SnapshotEnsembleCallback(Restores, Callback):
         if sdir is not None: self._prepare_dir(sdir, kept, meta)
         self._sdir, self._meta = sdir, meta
         self.learner, self._model, self._n_it, self._mults, self._ends = learn, get_model(learn.model), n_it, lrs, ends
-        self._lr0 = lr0
+        self._lr0, self._lr_fit, self._took = lr0, lr_fit, (ps if sched is not None and not ride else None)
         self.snapshots, self._cache, self.members = kept, {}, None   # new snapshots: `select` again
-        self.lrs = [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had: `lrs` is the whole fit's
+        self.lrs = list(sched[:start, -1]) if ride else [lr0[-1] * m for m in lrs[:start]]   # what the skipped iterations had
         self._active = True
+        if self._took is not None:
+            take_over(self, ps, f"{self.n_cycles} cosine cycles with a snapshot at the end of each (under fit_sgdr the "
+                                "snapshots are taken at its restarts instead)")
 
     def _iter(self): return self.learn.epoch * self._n_it + self.learn.iter
 
     def before_batch(self):
         t = self._iter()
         if self.reset_momentum and t in self._ends[:-1]: self.learn.opt.clear_state()   # a restart
-        self.learn.opt.set_hyper('lr', self._lr0 * self._mults[min(t, len(self._mults) - 1)])
+        if self._mults is not None:   # our schedule; riding fit_sgdr, its `ParamScheduler` (order 60) has just set the rate
+            self.learn.opt.set_hyper('lr', self._lr0 * self._mults[min(t, len(self._mults) - 1)])
         self.lrs.append(self.learn.opt.hypers[-1]['lr'])
 
     def after_batch(self):
@@ -181,14 +186,17 @@ class SnapshotEnsembleCallback(Restores, Callback):
 
     def after_fit(self):
         self.restore()
+        if not self.snapshots: warnings.warn(
+            f"SnapshotEnsembleCallback took no snapshot in this fit: it ended before the end of the first cycle (iteration "
+            f"{self._ends[0]} of {self._meta['n_iter']}), so there is no ensemble. Fit for the whole budget")
         rec = getattr(self.learn, 'recorder', None)
         if rec is None: return
-        others = any(isinstance(c, ParamScheduler) for c in self.learn.cbs)   # their hps are from this fit: keep them
+        others = self._took is None and any(isinstance(c, ParamScheduler) for c in self.learn.cbs)   # their hps are from this fit: keep them
         rec.hps = {**(getattr(rec, 'hps', {}) if others else {}), 'lr': self.lrs}   # `learn.recorder.plot_sched()` works
 
     def _undo(self):
         "Put back the learning rate the optimizer had before the fit"
-        if self.learner is not None and self.learner.opt is not None: self.learner.opt.set_hyper('lr', self._lr0)
+        if self.learner is not None and self.learner.opt is not None: self.learner.opt.set_hyper('lr', self._lr_fit)
 
 # %% ../nbs/04_snapshot.ipynb #c020p1
 _PAPER_SCHEDULE = dict(warmup=0, first=None, restart_lr=1.)   # Huang et al. 2017: M equal cosine cycles from the full rate
@@ -438,6 +446,26 @@ def ensemble(self:SnapshotEnsembleCallback,
         self._load_into(m, r['cycle'])
         models.append(m)
     return SnapshotEnsemble(models, log=log).eval()
+
+# %% ../nbs/04_snapshot.ipynb #ue1
+class MemberGroups:
+    "Splitter of a `SnapshotEnsemble`: the members' parameters in the groups `splitter` makes of one member"
+    def __init__(self, splitter): self.splitter = splitter   # the learner's splitter, for one model
+    def __call__(self, ens:SnapshotEnsemble) -> list:
+        groups = [self.splitter(m) for m in ens.models]
+        return [[p for g in groups for p in g[i]] for i in range(len(groups[0]))]
+
+@patch
+def use_ensemble(self:SnapshotEnsembleCallback,
+    last=None,        # the last `last` snapshots (default: the members `select` chose, else all), or 'best'
+    which=None,       # or these cycle numbers (1-based)
+) -> Learner:
+    "Make the learner predict with the ensemble of the chosen snapshots (its model, splitter and optimizer); returns it"
+    learn = self._learner()
+    ens = self.ensemble(last, which)   # may raise: nothing changed yet
+    if not isinstance(learn.splitter, MemberGroups): learn.splitter = MemberGroups(learn.splitter)
+    learn.model, learn.opt = ens, None
+    return learn
 
 # %% ../nbs/04_snapshot.ipynb #c026
 @patch
