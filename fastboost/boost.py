@@ -227,8 +227,9 @@ class BoostResNetCallback(Restores, Callback):
     # --- fit lifecycle -------------------------------------------------------------------------------------------
     def before_fit(self):
         self.restore()  # a previous fit that died without after_fit
-        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: as if absent
-        has_valid = self._check_fit()
+        # as if absent in lr_find, validate/get_preds/predict/tta/summary and while the body is frozen (after the refusals)
+        if not acts(self, self._check_fit): return
+        has_valid = _n_batches(self.learn.dls.valid) > 0
         learn = self.learner = self.learn
         ckpt = self._load_checkpoint() if self.resume else None   # before anything changes: a missing file changes nothing
         self._take_model(learn)

@@ -59,11 +59,13 @@ def fit_method(
     return next((n for n in reversed(names) if n in _FIT_METHODS), 'fit')   # the outermost: fine_tune calls fit_one_cycle
 
 def acts(
-    cb,  # one of our callbacks, in its `before_fit`
+    cb,           # one of our callbacks, in its `before_fit`
+    check=None,   # its refusals: run in every training fit, frozen or not, so `fine_tune` refuses before the head trains
 ) -> bool:
     "Does `cb` act in this fit? If not (lr_find, validation contexts, a frozen body) sets `cb.run = False` for the rest of it"
     learn = cb.learn
     kind = fit_method(learn)
+    if kind is not None and check is not None: check()
     frozen = kind is not None and getattr(learn.opt, 'frozen_idx', 0) > 0
     if frozen and kind != 'fine_tune':
         warnings.warn(f"{type(cb).__name__} does nothing in this fit: the body is frozen (`learn.freeze()`; a pretrained "

@@ -201,8 +201,8 @@ class FreezeOutCallback(Restores, Callback):
     def before_fit(self):
         if self._active: self.restore()   # left over from an interrupted fit of a callback kept in `learn.cbs`
         lrn = self.learn
-        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: as if absent
-        self._check_fit(lrn)
+        # as if absent in lr_find, validate/get_preds/predict/tta/summary and while the body is frozen (after the refusals)
+        if not acts(self, lambda: self._check_fit(lrn)): return
         blocks = body_blocks(lrn.model)
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "

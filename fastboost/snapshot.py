@@ -141,8 +141,8 @@ class SnapshotEnsembleCallback(Restores, Callback):
 
     def before_fit(self):
         learn = self.learn
-        if not acts(self): return   # lr_find, validate/get_preds/predict/tta/summary, a frozen body: the snapshots stay
-        check_alone(self, learn.cbs)
+        # as if absent in lr_find, validate/get_preds/predict/tta/summary and while the body is frozen: the snapshots stay
+        if not acts(self, lambda: check_alone(self, learn.cbs)): return
         n_it = len(learn.dls.train); T = learn.n_epoch * n_it
         ps, lr_fit = lr_schedule(learn), np.array([h['lr'] for h in learn.opt.hypers])
         sched = scheduled_lrs(ps, T, len(lr_fit)) if ps is not None else None
