@@ -14,7 +14,8 @@ from .boost import *
 from .freezeout import *
 from .snapshot import *
 from .memory import *
-from . import data, blocks, boost, freezeout, snapshot, memory
+from .pretrained import *
+from . import data, blocks, boost, freezeout, snapshot, memory, pretrained
 
 # %% ../nbs/99_all.ipynb #c004
-__all__ = [n for m in (data, blocks, boost, freezeout, snapshot, memory) for n in m.__all__]
+__all__ = [n for m in (data, blocks, boost, freezeout, snapshot, memory, pretrained) for n in m.__all__]
