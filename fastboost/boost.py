@@ -6,7 +6,7 @@ Docs: https://fastboost.github.io/fastboost/boost.html.md"""
 
 # %% ../nbs/02_boost.ipynb #c002
 from __future__ import annotations
-import contextlib, itertools, math, os, time, warnings
+import contextlib, itertools, math, mmap, os, shutil, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ from .core import (check_alone, distributed_trainer, save_atomic, any_rank, Rest
                             lr_schedule, peak_lrs, param_groups, take_over)
 
 # %% auto #0
-__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head', 'pool_head',
-           'BoostResNetCallback', 'FeatureCache']
+__all__ = ['RECIPE', 'boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
+           'pool_head', 'BoostResNetCallback', 'FeatureCache']
 
 # %% ../nbs/02_boost.ipynb #c006
 def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
@@ -159,6 +159,30 @@ def _cache_bytes(dls, shapes, dtype, flip=False) -> int:
     held = [sum(ns) * sz[0]] + [advancing(a, b) if sa[1:] != sb[1:] else sum(ns) * a for sa, sb, a, b in zip(shapes, shapes[1:], sz, sz[1:])]
     return max(held) * torch.empty((), dtype=dtype).element_size()
 
+def _rss() -> int:
+    "This process's resident memory in bytes now (Linux), else its peak so far"
+    try: return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource; return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def _disk_free(folder) -> int: return shutil.disk_usage(folder).free   # bytes free where a memory-mapped cache would go
+
+def _where_to_cache(
+    need:int,  # bytes the cache can peak at (`_cache_bytes`)
+    folder,    # where a memory-mapped cache would go
+) -> tuple:
+    "('ram' | 'disk' | None, message or None): in host memory when that at most doubles the process's memory, else in a file if the disk has room"
+    rss, gib = _rss(), lambda b: f'{b/2**30:.1f} GiB'
+    if need <= rss: return 'ram', None
+    if _disk_free(folder) > 1.1 * need:
+        return 'disk', (f"BoostResNetCallback(cache='auto') keeps the features ({gib(need)} at most) in a memory-mapped file in "
+                        f"{folder}: in host memory they would more than double this process's {gib(rss)}. The OS keeps in its "
+                        "page cache what fits in memory; cache='ram' holds them in this process instead, cache_dir= puts the file elsewhere")
+    if need <= _host_memory() / 4: return 'ram', None
+    return None, (f"BoostResNetCallback(cache='auto') does not cache: the features would need up to {gib(need)}, more than a quarter "
+                  f"of this machine's memory and more than the free space in {folder}, so each stage runs the frozen blocks at every "
+                  "batch (slower). cache_dir= a folder with room caches them on disk; cache='ram' caches in memory anyway")
+
 def _eval_batches(dl, shuffle=False):
     "The batches of all of `dl`'s items (in order, or shuffled), through its validation-time transforms (fastai's `split_idx=1`)"
     if not _n_batches(dl): return   # no validation set (fastai's `new` cannot make one pass over an empty dataset)
@@ -200,9 +224,11 @@ class BoostResNetCallback(Restores, Callback):
         sched:str='one_cycle',   # LR schedule within each stage: 'one_cycle', 'cos' or 'const'
         pct_start:float=0.25,    # warm-up fraction of each stage for 'one_cycle'
         head=pool_head,          # `head(n_channels, n_out)` builds the classifier of every block but the last (`aux_head`: the paper's linear probe)
-        cache='auto',            # cache frozen blocks' outputs: True, False, or 'auto' (when they fit in a quarter of the host's memory)
-        cache_dtype=torch.float32, # dtype of the cached features (torch.float16 halves their memory)
+        cache='auto',            # cache frozen blocks' outputs: 'ram' (or True), 'disk' (a memory-mapped file in `cache_dir`), False, or 'auto' (in RAM when that at most doubles this process's memory, else on disk)
+        cache_dtype=torch.float16, # dtype of the cached features (torch.float32 doubles their memory)
         cache_flip:bool=False,   # with the cache: cache each training image's horizontal flip too, and train on one of the two at random (twice the training cache)
+        cache_shift:float=0.,    # with the cache: translate each training row by up to this fraction of its feature map's side (0.125: 4 px at 32, 1 px at 8)
+        cache_dir=None,          # folder of the memory-mapped cache (default: the system's temporary folder)
         offload:bool=False,      # keep only the training block and its head on the accelerator (needs the cache)
         stop=None,               # None, or 'plateau': end a block's stage when its validation loss stops improving
         patience:int=2,          # checks without improvement before a 'plateau' stop
@@ -216,6 +242,8 @@ class BoostResNetCallback(Restores, Callback):
         if sched not in ('one_cycle', 'cos', 'const'): raise ValueError(f"sched must be 'one_cycle', 'cos' or 'const', got {sched!r}")
         if stop not in (None, 'plateau'): raise ValueError(f"stop must be None or 'plateau', got {stop!r}")
         if gamma_stop is not None and loss != 'boost': raise ValueError("gamma_stop needs loss='boost' (gamma is the boosting edge)")
+        if cache not in (True, False, 'auto', 'ram', 'disk'): raise ValueError(f"cache must be 'auto', 'ram', 'disk', True or False, got {cache!r}")
+        if not (isinstance(cache_shift, (int, float)) and 0 <= cache_shift < 0.5): raise ValueError(f"cache_shift={cache_shift!r}: a fraction of the feature map's side in [0, 0.5)")
         if offload and cache is False: raise ValueError("offload=True needs the feature cache: use cache=True or 'auto'")
         if cache_flip and cache is False: raise ValueError("cache_flip=True needs the feature cache: use cache=True or 'auto'")
         if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
@@ -243,10 +271,10 @@ class BoostResNetCallback(Restores, Callback):
         x1 = self._build_heads(learn, has_valid)
         self._set_budget(total, x1)
         if ps is not None: take_over(self, ps, "each block's stage follows its own schedule (`sched`)")
-        self._say_augmentation(learn)
+        self._say_augmentation(learn); self._say_budget(learn)
         self.records, self.edge_prev, self.alpha_prev, self.k, self._skip_to, self._pending = [], 0., 0., -1, 0, None
         self._phase_done = False
-        if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype, flip=self.cache_flip)
+        if self.do_cache: self._features = FeatureCache(learn.dls, self.device, self.cache_dtype, self.cache_flip, self.cache_shift, self._cache_folder)
         first = self._apply_checkpoint(ckpt) if ckpt is not None else 0
         self._in_before_fit = True   # DistributedTrainer.before_fit wraps this first stage itself
         try: self._start_stage(first)
@@ -284,6 +312,18 @@ def _random_tfms(dl) -> list:
     "Names of the training-only (random) transforms of a fastai `DataLoader`: per item or per batch"
     return [type(t).__name__ for p in ('after_item', 'before_batch', 'after_batch')
             for t in getattr(getattr(dl, p, None), 'fs', []) if getattr(t, 'split_idx', None) == 0]
+
+RECIPE = dict(epochs_per_block=3, lr=3e-3)   # the block-wise phase that measured best (Adam, the cache): `fit_boostresnet`'s defaults
+
+@patch
+def _say_budget(self:BoostResNetCallback, learn):
+    "Warn when the fit gives each block fewer epochs than the recipe, and say what to call instead"
+    n, e = len(self.blocks), learn.n_epoch / len(self.blocks)
+    if e < RECIPE['epochs_per_block'] and not self.resume: warnings.warn(
+        f"BoostResNetCallback: this fit gives each of the {n} blocks {e:.2g} epochs. The block-wise phase measured best at "
+        f"{RECIPE['epochs_per_block']} epochs per block with the cache, at a peak learning rate of {RECIPE['lr']:g} with "
+        f"fastai's Adam: `learn.fit({RECIPE['epochs_per_block'] * n}, {RECIPE['lr']:g}, cbs=BoostResNetCallback())`, or "
+        "`learn.fit_boostresnet()`, which also fine-tunes end to end")
 
 @patch
 def _say_augmentation(self:BoostResNetCallback, learn):
@@ -331,12 +371,13 @@ def _build_heads(self:BoostResNetCallback, learn, has_valid) -> torch.Tensor:
         self.user_model.eval(); shapes = []
         for b in self.blocks: xb = b(xb); shapes.append(xb.shape)
     n_out = self.final_head(xb).shape[-1]
+    folder = self.cache_dir or tempfile.gettempdir()
+    self._cache_folder = folder if self.cache == 'disk' else None
     if self.cache == 'auto':   # per process: under DDP every rank holds the whole cache
         need = _cache_bytes(learn.dls, [x1.shape] + shapes[:-1], self.cache_dtype, self.cache_flip) * max(1, num_distrib())
-        self.do_cache = need <= _host_memory() / 4
-        if not self.do_cache: warnings.warn(f"BoostResNetCallback(cache='auto') does not cache: the features would need up to {need/2**30:.1f} GiB, more "
-            "than a quarter of this machine's memory, so each stage runs the frozen blocks at every batch (slower). cache=True caches anyway; "
-            "cache_dtype=torch.float16 halves the need")
+        where, why = _where_to_cache(need, folder)
+        self.do_cache, self._cache_folder = where is not None, (folder if where == 'disk' else None)
+        if why: warnings.warn(why)
     self.heads = [self.head(s[1], n_out).to(self.device) for s in shapes[:-1]] + [self.final_head]
     return x1
 
@@ -531,22 +572,43 @@ def _next(self:BoostResNetCallback):
 
 
 # %% ../nbs/02_boost.ipynb #c016fc
+def _mapped(shape, dtype, folder) -> tuple:
+    "An empty tensor backed by a memory-mapped file in `folder` (deleted at once: the space lives as long as the mapping), and its `mmap`"
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    fd, name = tempfile.mkstemp(prefix='fastboost-cache-', dir=folder)
+    try:
+        os.ftruncate(fd, max(n, 1)); mm = mmap.mmap(fd, max(n, 1))
+    finally: os.close(fd); os.unlink(name)
+    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape)).view(shape), mm
+
+def _shifted(x, s:int, gen):
+    "Each row of `x` (N, C, H, W) translated by up to `s` pixels each way, zeros let in: pad-and-crop on feature maps"
+    if s < 1 or x.ndim != 4: return x
+    n, _, h, w = x.shape
+    i, j = torch.randint(0, 2*s + 1, (2, n, 1), generator=gen)   # each row's crop offset in the padded map
+    rows, cols = i + torch.arange(h), j + torch.arange(w)
+    xp = F.pad(x, (s, s, s, s))
+    return xp[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+
 class FeatureCache:
-    "Every training and validation image at one block's input, on the CPU, advanced one block at a time"
+    "Every training and validation image at one block's input, in host memory or a memory-mapped file, advanced one block at a time"
     chunk = 256   # rows per forward pass when advancing, and per batch of `batches`/`sample`
     def __init__(self,
         dls,                        # the learner's `DataLoaders`: read once, through the validation-time transforms
         device,                     # where the batches go
-        dtype=torch.float32,        # dtype of the stored features (float16 halves their memory)
+        dtype=torch.float16,        # dtype of the stored features (float32 doubles their memory)
         flip:bool=False,            # also hold every training image's horizontal flip, advanced alongside (`train_batch` picks one per row)
+        shift:float=0.,             # translate each training row by up to this fraction of its map's side (0.125: 4 px at 32, 1 px at 8)
+        folder=None,                # hold the features in memory-mapped files in this folder (None: in host memory)
     ):
-        self.device, self.dtype, self.x, self.y = device, dtype, [], []
+        self.device, self.dtype, self.shift, self.folder, self.x, self.y, self._maps = device, dtype, shift, folder, [], [], {}
         for dl in (dls.train, dls.valid):
             xx, yy = [], []
             for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
-            self.x.append(torch.cat(xx) if xx else self.x[0][:0]); self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
-        if flip: self.x.append(self.x[0].flip(-1)); self.y.append(self.y[0])   # split 2: the flipped training images
-        self.seed = int(torch.randint(2**31, ()))   # of the flips: drawn once, so that iteration k's flips do not depend on what ran before
+            self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
+            self.x.append(self._store(torch.cat(xx)) if xx else self.x[0][:0])
+        if flip: self.x.append(self._store(self.x[0].flip(-1))); self.y.append(self.y[0])   # split 2: the flipped training images
+        self.seed = int(torch.randint(2**31, ()))   # of the flips and shifts: drawn once, so that iteration k's do not depend on what ran before
         self.peak = self.nbytes   # the most the cache has held so far, in bytes
         tdl = dls.train
         ds = lambda n: torch.utils.data.TensorDataset(torch.arange(n), torch.arange(n))
@@ -555,18 +617,40 @@ class FeatureCache:
         if len(self.loaders[0]) != len(tdl):
             raise RuntimeError(f"the cached loader has {len(self.loaders[0])} batches per epoch, the learner's {len(tdl)}: use cache=False")
 
+    def _new(self, shape):
+        "An empty feature tensor: in host memory, or in a memory-mapped file"
+        if self.folder is None: return torch.empty(shape, dtype=self.dtype)
+        t, mm = _mapped(shape, self.dtype, self.folder); self._maps[t.data_ptr()] = mm
+        return t
+
+    def _store(self, t):
+        "`t`, moved into a memory-mapped file when the cache lives on disk"
+        if self.folder is None: return t
+        dst = self._new(t.shape); dst.copy_(t); self._release(); return dst
+
+    def _release(self, prune=False):
+        "Drop the mapped pages from this process's resident set (the OS page cache keeps what fits); `prune`: forget replaced files"
+        if prune: self._maps = {k: m for k, m in self._maps.items() if k in {t.data_ptr() for t in self.x}}
+        for m in self._maps.values(): m.madvise(mmap.MADV_DONTNEED)
+
     @property
     def nbytes(self) -> int: return sum(t.nbytes for t in self.x)   # the features held now
 
     def batch(self, split:int, idx) -> tuple:
         "Features and labels of rows `idx` of `split` (0: training, 1: validation), on the device"
-        return self.x[split][idx].to(self.device, torch.float32), self.y[split][idx].to(self.device)
+        x = self.x[split][idx]
+        if self._maps: self._release()
+        return x.to(self.device, torch.float32), self.y[split][idx].to(self.device)
 
     def train_batch(self, idx, it:int=0) -> tuple:
-        "A training batch of rows `idx` at iteration `it`: with `flip`, each row from the image or its flip, a seeded draw per iteration (flip augmentation)"
-        if len(self.x) < 3: return self.batch(0, idx)
-        f = torch.rand(len(idx), generator=torch.Generator().manual_seed(self.seed + it)) < 0.5   # a resumed fit draws the same flips
-        x = self.x[0][idx]; x[f] = self.x[2][idx[f]]
+        "A training batch of rows `idx` at iteration `it`: with `flip`, each row from the image or its flip; with `shift`, translated (seeded per iteration)"
+        g = torch.Generator().manual_seed(self.seed + it)   # a resumed fit draws the same flips and shifts
+        x = self.x[0][idx]
+        if len(self.x) > 2:
+            f = torch.rand(len(idx), generator=g) < 0.5
+            x[f] = self.x[2][idx[f]]
+        if self._maps: self._release()
+        x = _shifted(x, int(self.shift * x.shape[-1]), g)
         return x.to(self.device, torch.float32), self.y[0][idx].to(self.device)
 
     def batches(self, split:int):
@@ -588,14 +672,16 @@ class FeatureCache:
                 y = run(f[:c])
                 # a block that keeps the shape (most of them) overwrites its inputs chunk by chunk: chunk i's outputs
                 # need only chunk i's inputs, so the cache never exists twice; otherwise one new tensor is filled
-                dst = f if y.shape[1:] == f.shape[1:] else torch.empty(len(f), *y.shape[1:], dtype=self.dtype)
+                dst = f if y.shape[1:] == f.shape[1:] else self._new((len(f), *y.shape[1:]))
                 if dst is not f: self.peak = max(self.peak, self.nbytes + dst.nbytes)
                 dst[:len(y)] = y
-                for i in range(c, len(f), c): dst[i:i+c] = run(f[i:i+c])
+                for i in range(c, len(f), c):
+                    dst[i:i+c] = run(f[i:i+c])
+                    if self._maps: self._release()
                 self.x[s] = dst
+        if self._maps: self._release(prune=True)   # a replaced file's space is freed with its last reference
         block.train(was)
         return self
-
 
 # %% ../nbs/02_boost.ipynb #c016ca
 @patch
@@ -695,8 +781,8 @@ def plot(self:BoostResNetCallback, ax=None):
 @patch
 def fit_boostresnet(
     self:Learner,
-    epochs_per_block:float=3.,  # training epochs for each block (the study: 1; with the cache 3 train far better for about a third of `fit_one_cycle(10)`'s time)
-    lr:float=3e-3,              # peak learning rate of each stage (3x fastai's default, measured best with Adam on two datasets)
+    epochs_per_block:float=RECIPE['epochs_per_block'],  # training epochs for each block (the study: 1; with the cache 3 train far better for about a third of `fit_one_cycle(10)`'s time)
+    lr:float=RECIPE['lr'],      # peak learning rate of each stage (3x fastai's default, measured best with Adam on two datasets)
     fine_tune:int=0,            # epochs of end-to-end `fit_one_cycle` afterwards ("BoostResNet + e2eBP")
     fine_tune_lr:float=None,    # peak learning rate of the fine-tuning (default: `lr / 10`: it starts from trained weights)
     **kwargs,                   # passed to `BoostResNetCallback`
