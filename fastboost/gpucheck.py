@@ -280,15 +280,19 @@ def gpu_check(
                     r, err = _job(arms, cfg, cfg['out'], False, True, timeout=left)
                     runs[name].update(result=r) if err is None else runs[name].update(error=err)
                     print(f"{part}/{name}: {'done' if err is None else err[:300]} ({time.perf_counter() - start:.0f} s into the part)", flush=True)
-                res['parts'][part] = dict(_PARTS[part](runs), status='incomplete' if any('error' in r for r in runs.values()) else 'done',
-                                          errors=_errors(runs), seconds=round(time.perf_counter() - start, 1), cap_s=round(cap))
+                try: summary = _PARTS[part](runs)
+                except Exception as e: summary = dict(summary_error=f'{type(e).__name__}: {e}')   # the other parts still run
+                res['parts'][part] = dict(summary, status='incomplete' if any('error' in r for r in runs.values()) or 'summary_error' in summary
+                                          else 'done', errors=_errors(runs), seconds=round(time.perf_counter() - start, 1), cap_s=round(cap))
                 res['total_s'] = round(time.perf_counter() - t0, 1)
                 save_atomic(res, out/'gpucheck.json', fmt='json')
     finally: shutil.rmtree(work, ignore_errors=True)
     res['ok'] = all(p['status'] == 'done' for p in res['parts'].values())
     save_atomic(res, out/'gpucheck.json', fmt='json')
-    (out/'gpucheck.md').write_text(gpu_check_markdown(res) + '\n')
-    print(f"\n{gpu_check_markdown(res)}\n\nWritten to {out}/gpucheck.json and gpucheck.md ({res['total_s']:.0f} s in all)", flush=True)
+    try: md = gpu_check_markdown(res)
+    except Exception as e: md = f'gpu_check_markdown failed ({type(e).__name__}: {e}): the results are in gpucheck.json'
+    (out/'gpucheck.md').write_text(md + '\n')
+    print(f"\n{md}\n\nWritten to {out}/gpucheck.json and gpucheck.md ({res['total_s']:.0f} s in all)", flush=True)
     return res
 
 # %% ../nbs/07_gpucheck.ipynb #g031
