@@ -4,6 +4,7 @@ and one HTML page per processed notebook (nbconvert standing in for Quarto).
     python docs/offline.py readme      # regenerate README.md from nbs/index.ipynb
     python docs/offline.py check       # fail if README.md is out of date
     python docs/offline.py html        # render every notebook in _proc/ to docs/_site/<page>.html
+    python docs/offline.py gpu-check nbs/results/gpu_check_h100.json   # the GPU check's section into nbs/index.ipynb, then README.md
 
 Where Quarto exists (the GitHub Pages workflow), `nbdev-docs` builds the site from the same notebooks.
 """
@@ -91,4 +92,10 @@ if __name__ == '__main__':
         if (ROOT/'README.md').read_text() != readme_text(): sys.exit('README.md is out of date: run `python docs/offline.py readme`')
         print('README.md is up to date')
     elif cmd == 'html': print('\n'.join(map(str, html())))
+    elif cmd == 'gpu-check' and len(sys.argv) == 3:   # the README quotes the check's JSON, and nothing else (fastboost.gpucheck)
+        import json
+        from fastboost.gpucheck import gpu_check_markdown, set_generated_section
+        f = Path(sys.argv[2]).resolve()
+        set_generated_section(ROOT/'nbs'/'index.ipynb', gpu_check_markdown(json.loads(f.read_text()), file=str(f.relative_to(ROOT))))
+        (ROOT/'README.md').write_text(readme_text()); print('wrote nbs/index.ipynb and README.md')
     else: sys.exit(__doc__)

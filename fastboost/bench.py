@@ -110,7 +110,8 @@ def bench_parser() -> argparse.ArgumentParser:
         epilog="Defaults marked 'dataset' depend on --dataset: " +
                '; '.join(f"{k}: {', '.join(f'{a}={b}' for a,b in v.items())}" for k,v in DATASET_DEFAULTS.items()))
     a = p.add_argument
-    a('--preset', choices=list(PRESETS), help="a whole study in one command: study = " + ', '.join(f'{k}={v}' for k, v in PRESETS['study'].items()) + " (options you give win)")
+    a('--preset', choices=[*PRESETS, 'gpu-check'], help="a whole study in one command: study = " + ', '.join(f'{k}={v}' for k, v in PRESETS['study'].items()) +
+      " (options you give win); gpu-check = the GPU claims in 7 minutes of an H100, its own plan of jobs (see fastboost.gpucheck)")
     a('--dataset', default='digits', choices=list(DATASET_DEFAULTS), help="digits ships with scikit-learn (offline); folder: your own images (--data)")
     a('--data', type=Path, help="dataset folder: cifar10 or folder in fastai's layout (train/<class>/, test/<class>/), svhn's .mat files")
     a('--arch', default='resnet50', help="torchvision or fastai XResNet name, timm:NAME or pytorchcv:NAME")
@@ -166,6 +167,8 @@ def bench_parser() -> argparse.ArgumentParser:
       "a job that finishes under the cap needed no more, workspaces included")
     a('--cache', type=Path, help="cache folder for decoded datasets (default: $FASTBOOST_CACHE or ~/.cache/fastboost)")
     a('--out', type=Path, default=Path('bench_out'), help="folder for the table, JSON and figures")
+    a('--smoke', action='store_true', help="with --preset gpu-check: the same jobs at tiny sizes (a CPU run of under a minute, what CI runs)")
+    a('--dry-run', action='store_true', help="with --preset gpu-check: print each part's estimated GPU seconds (its FLOPs at the H100's measured rate) and whether it fits in 7 minutes; train nothing")
     return p
 
 # %% ../nbs/05_bench.ipynb #c020b
@@ -213,6 +216,10 @@ def parse_args(
     if args.snap_paper and any(getattr(args, k) is not None for k in ('snap_first', 'snap_restart_lr', 'snap_warmup')):
         raise BenchError("--snap-paper is the paper's schedule: give it alone, or --snap-first/--snap-restart-lr/--snap-warmup without it")
     if args.t0 != 'auto' and not 0 < args.t0 <= 1: raise BenchError(f"--t0 {args.t0} must be in (0, 1]: the fraction of training at which the first block freezes")
+    if (args.smoke or args.dry_run) and args.preset != 'gpu-check': raise BenchError("--smoke and --dry-run go with --preset gpu-check")
+    if args.preset == 'gpu-check' and (own := given - {'preset', 'smoke', 'dry_run', 'data', 'out', 'cache', 'device', 'threads'}):
+        raise BenchError(f"--preset gpu-check runs its own plan: it takes --data, --out, --cache, --device, --threads, --smoke and --dry-run, "
+                         f"not {', '.join('--' + k.replace('_', '-') for k in sorted(own))}")
     args.arms = [a for a in ARMS if a in args.arms]   # the table's order, no duplicates
     get_arch(args.arch)   # fail early on an unknown name
     return args
@@ -453,7 +460,7 @@ def run_job(
         total = torch.cuda.get_device_properties(dev).total_memory
         if cap*2**20 > total: warnings.warn(f"--memory-cap {cap:g} MB is more than the GPU's {total/2**20:.0f} MB: no cap")
         torch.cuda.set_per_process_memory_fraction(min(1., cap*2**20/total), dev)
-    if hist: torch.cuda.memory._record_memory_history(max_entries=hist)
+    if hist: torch.cuda.memory._record_memory_history(max_entries=hist, stacks=cfg.get('memory_stacks') or 'all')
     res = dict(rows=[], curves={}, extra={}, memory=None)
     try:
         set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
@@ -465,7 +472,8 @@ def run_job(
             learn.model.to(memory_format=torch.channels_last)
         if cfg['fp16']: learn.to_fp16()
         elif cfg['bf16'] and dev.startswith('cuda'): learn.to_bf16()   # fastai's autocast is CUDA-only
-        if cfg.get('compile'): learn.model.compile()   # in place: callbacks still find the blocks by their names
+        # in place: callbacks still find the blocks by their names. `compile_backend`, `memory_stacks`: settings of the GPU check's jobs
+        if cfg.get('compile'): learn.model.compile(backend=cfg.get('compile_backend') or 'inductor')
         ev = _train_eval_idx(len(xt), cfg['seed'])
         train_dl = dls.valid.new(tensor_dataset(xt[ev], yt[ev], dls.vocab, split_idx=1))   # validation transforms: no augmentation
         hold_dl = dls.valid.new(tensor_dataset(*held, dls.vocab, split_idx=1)) if held else None
@@ -599,8 +607,8 @@ def _errmsg(e):
 # (`threads` does: the wall-clock columns of jobs run with different thread counts could not be compared)
 _NOT_RESULT = {'out', 'arms', 'resume', 'memory_check', 'speed_check', 'preset'}
 
-def _job(job, cfg, out, resume, spawn, name=None):
-    "Run one job, or with `resume` take its result from `out/jobs/` when it finished earlier with the same settings"
+def _job(job, cfg, out, resume, spawn, name=None, timeout=None):
+    "Run one job, or with `resume` take its result from `out/jobs/` when it finished earlier with the same settings; a spawned job's process ends after `timeout` s"
     f, settings = Path(out)/'jobs'/f"{name or '+'.join(job)}.json", {k: v for k, v in cfg.items() if k not in _NOT_RESULT}
     if resume and f.exists():
         saved = json.loads(f.read_text())
@@ -612,7 +620,10 @@ def _job(job, cfg, out, resume, spawn, name=None):
         if spawn:
             # the job process ends by itself if this one is killed (a worker waiting for its task, too)
             with ProcessPoolExecutor(1, mp_context=_mp_context(), initializer=fb._exit_with, initargs=(os.getpid(),)) as ex:
-                r = ex.submit(fb.run_job, job, cfg).result()
+                try: r = ex.submit(fb.run_job, job, cfg).result(timeout=timeout)
+                except TimeoutError:   # past its time cap: end its process, whatever it is doing
+                    for p in list(ex._processes.values()): p.kill()
+                    raise TimeoutError(f"stopped at its time cap of {timeout:.0f} s") from None
         else: r = fb.run_job(job, cfg)
     except Exception as e: return None, _errmsg(e)
     if resume:   # write then rename: a run killed here leaves no half-written result
@@ -705,6 +716,11 @@ def main(
     p = bench_parser()
     try: args = parse_args(argv)
     except DataError as e: p.error(str(e))   # BenchError, or the data loaders
+    if args.preset == 'gpu-check':   # a plan of jobs of its own, in fastboost.gpucheck (which imports this module)
+        from .gpucheck import gpu_check
+        try: res = gpu_check(args)
+        except DataError as e: p.error(str(e))
+        sys.exit(0 if res['ok'] else 1)
     try: res = run_bench(args)
     except DataError as e: p.error(str(e))   # BenchError, or the data loaders
     if res['errors']: sys.exit(1)

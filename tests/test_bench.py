@@ -169,3 +169,45 @@ def test_compile_and_speed_check(tmp_path):
     sp = res['speed']
     assert (sp['iters'], sp['bs']) == (4, 8) and sp['fastai_img_s'] > 0 and sp['plain_img_s'] > 0, sp
     assert 'Speed check (4 iterations of 8' in res['table']
+
+def test_gpu_check_smoke(tmp_path):
+    """`--preset gpu-check --smoke` (what a lent GPU runs, at tiny sizes on the CPU): every part's jobs run and
+    gpucheck.json holds parts a-d, each done; --out holds the JSON and its markdown only"""
+    out = tmp_path/'out'
+    r = subprocess.run([*cli(), '--preset', 'gpu-check', '--smoke', '--threads', '1', '--out', str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out/'gpucheck.json').read_text())
+    assert list(res['parts']) == ['memory', 'speed', 'freezeout', 'accuracy'] == list(res['estimate']['parts']) and res['ok']
+    assert all(p['status'] == 'done' for p in res['parts'].values()), {k: p['errors'] for k, p in res['parts'].items()}
+    mem = res['parts']['memory']
+    assert [s['setting'] for s in mem['settings']] == ['8px_small_bf16'] and all(s['ratio'] > 0 for s in mem['settings'])
+    assert mem['errors'] == {f"trace_{s['setting']}": "the allocator's trace needs a GPU" for s in mem['settings']}
+    sp = res['parts']['speed']
+    assert sp['eager']['fastai_img_s'] > 0 and sp['compiled']['plain_img_s'] > 0 and sp['compile_speedup'] > 0
+    fo = res['parts']['freezeout']
+    assert fo['plan']['t0'] == 0.8 and 0 < fo['predicted'] < 1 and fo['measured'] < 1
+    acc = res['parts']['accuracy']
+    assert {'e2e', 'boost', 'boost+e2e'} <= set(acc) and acc['time_ratio'] > 0 and acc['curves']['e2e']
+    md = (out/'gpucheck.md').read_text()
+    assert md.strip() in r.stdout and "| fastai's loop / a plain PyTorch loop, training images/s with `--compile`" in md
+    assert sorted(f.name for f in out.iterdir()) == ['gpucheck.json', 'gpucheck.md']   # the jobs' own files stay out of --out
+
+def test_job_time_cap(tmp_path):
+    "A job still running at its time cap (`_job`'s timeout) has its process ended and comes back as an error"
+    import time, multiprocessing.forkserver as fs
+    from fastboost.bench import parse_args, _job
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(parse_args([*TINY, '--epochs', '200', '--out', str(tmp_path)])).items()}
+    r, err = _job(['e2e'], cfg, tmp_path, False, True, timeout=3)
+    assert r is None and err == 'TimeoutError: stopped at its time cap of 3 s', err
+    server = fs._forkserver._forkserver_pid   # the job's process was its child
+    def children():
+        kids = []
+        for p in Path('/proc').iterdir():
+            try: st = (p/'stat').read_text() if p.name.isdigit() else ''
+            except OSError: continue
+            if st and int(st.rsplit(')', 1)[1].split()[1]) == server: kids.append(int(p.name))
+        return kids
+    deadline = time.time() + 20
+    while children() and time.time() < deadline: time.sleep(0.5)
+    assert not children(), children()
