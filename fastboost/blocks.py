@@ -141,7 +141,8 @@ def _evaluating(m):
 
 def _trace(tm):
     "A fixed input, the modules `tm.forward_features` calls on it (id -> rank of the first call) and its output; None if it fails"
-    p, c = next(tm.parameters()), next(o for o in tm.modules() if isinstance(o, nn.Conv2d)).in_channels
+    p, conv = next(tm.parameters()), next((o for o in tm.modules() if isinstance(o, nn.Conv2d)), None)
+    c = conv.in_channels if conv is not None else 3
     for size in (32, 64, 224):   # the smallest side the model takes
         x = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
         order = {}
@@ -151,7 +152,7 @@ def _trace(tm):
         except Exception: continue
         finally:
             for h in hs: h.remove()
-        return x, order, out
+        return (x, order, out) if isinstance(out, torch.Tensor) else None
 
 def _labels(tm, label):
     "id(module) -> the set of `label`s (a dict: module name -> label) of the named modules in it, itself included"
@@ -225,11 +226,13 @@ def _find_blocks(model):
     bs, tm = _unit_blocks(model), _timm_body(model)
     if tm is None and bs is not None: return bs, 'units'
     if tm is not None and (r := _timm_blocks(tm, bs)) is not None: return r   # for timm, units too are checked
+    what = (f"The residual units in {type(model).__name__} are not run one after another" if bs is not None else
+            f"No residual unit found in {type(model).__name__}")
     why = (f"{type(tm).__name__} is a timm model, but neither its layer groups (`group_matcher`) nor its stages "
            f"(`feature_info`) rebuild its `forward_features`" if tm is not None else
            "its timm body runs the whole model (no feature map to pool: not a CNN)"
            if any(isinstance(m, TimmBody) for m in model.modules()) else "it is not a timm model")
-    raise ValueError(f"No residual unit found in {type(model).__name__}, and {why}: `body_blocks` knows "
+    raise ValueError(f"{what}, and {why}: `body_blocks` knows "
                      f"{', '.join(supported_families())}, and any timm model its structure cuts. Give the blocks yourself: "
                      f"`set_blocks(learn.model, [stem, block1, block2, ...])`, modules of the model that, run one after the "
                      f"other, compute the body (`check_blocks` checks it); or add a family with `register_blocks(UnitClass)` "
