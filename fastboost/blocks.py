@@ -344,12 +344,16 @@ def check_blocks(
     n:int=None,        # the expected number of blocks
     size:int=32,       # side of the random test images
 ) -> list[nn.Module]:
-    "Check that `body_blocks(model)` rebuilds `body` exactly from the model's own modules"
+    "Check that `body_blocks(model)` rebuilds `body` exactly from the model's own modules, each parameter in one block"
     model.eval()
     blocks = body_blocks(model)
     if n is not None and len(blocks) != n: raise AssertionError(f"{len(blocks)} blocks, expected {n}")
-    own = {id(p) for p in model.parameters()}
-    if not all(id(p) in own for b in blocks for p in b.parameters()): raise AssertionError("blocks hold copies")
+    own, seen = {id(p) for p in model.parameters()}, set()
+    for b in blocks:
+        ps = {id(p) for p in b.parameters()}
+        if not ps <= own: raise AssertionError("blocks hold copies")
+        if ps & seen: raise AssertionError("blocks share parameters")
+        seen |= ps
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(): a, b = nn.Sequential(*blocks)(x), body(x)
     if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
