@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 from fastcore.basics import patch_to
-from fastai.torch_core import params
+from fastai.torch_core import params, get_model
 from fastai.vision.learner import model_meta, default_split, TimmBody
 from fastai.vision.core import imagenet_stats
 
@@ -126,6 +126,7 @@ def _unit_blocks(model):
 # %% ../nbs/01_blocks.ipynb #t010b
 def _timm_body(model):
     "The timm model that is `model`'s body: the model itself, or the one in fastai's `TimmBody` (in `Sequential(body, head)`)"
+    model = getattr(get_model(model), '_orig_mod', get_model(model))   # under DDP or `torch.compile`: the model inside
     m = model[0] if isinstance(model, nn.Sequential) and len(model) == 2 else model
     if isinstance(m, TimmBody): m = m.model if m.needs_pool else None   # without pooling `TimmBody` runs the whole classifier
     return m if callable(getattr(m, 'group_matcher', None)) and getattr(m, 'feature_info', None) else None
