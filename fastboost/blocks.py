@@ -6,47 +6,61 @@ Docs: https://fastboost.github.io/fastboost/blocks.html.md"""
 
 # %% ../nbs/01_blocks.ipynb #c002
 from __future__ import annotations
-import contextlib, random, torch
+import contextlib, os, random, torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 from fastcore.basics import patch_to
-from fastai.torch_core import params
-from fastai.vision.learner import model_meta, default_split
+from fastai.torch_core import params, get_model
+from fastai.vision.learner import model_meta, default_split, TimmBody
 from fastai.vision.core import imagenet_stats
 
 # %% auto #0
-__all__ = ['register_blocks', 'supported_families', 'is_unit', 'body_blocks', 'block_splitter', 'block_flops', 'exact_bn_stats',
-           'pytorchcv_arch', 'check_blocks', 'small_stem']
+__all__ = ['register_blocks', 'supported_families', 'DenseUnit', 'is_unit', 'body_blocks', 'block_splitter', 'block_flops',
+           'exact_bn_stats', 'pytorchcv_arch', 'check_blocks', 'set_blocks', 'small_stem']
 
 # %% ../nbs/01_blocks.ipynb #c006
 _UNIT_TYPES: dict[type, str] = {}   # residual-unit type -> family name
 _UNIT_PREDS: list = []              # (predicate, family name) for units recognised by a function
+_EXPAND: dict[type, tuple] = {}     # container type -> (function container -> its units, family name)
 
 def register_blocks(
-    *types:type,           # module classes that are one residual unit each
+    *types:type,           # module classes that are one residual unit each (with `expand`: containers of units)
     family:str=None,       # name shown in error messages and `supported_families()`
     pred:callable=None,    # alternatively a function `module -> bool` that recognises a unit
+    expand:callable=None,  # `container -> list of units` for containers `types` whose children are not run in sequence
 ):
     "Teach `body_blocks` a new family of residual units"
     if not types and pred is None: raise ValueError("register_blocks needs unit types or `pred=`")
+    if expand is not None and not types: raise ValueError("`expand` needs the container types it expands")
     for t in types:
         if not isinstance(t, type) or not issubclass(t, nn.Module): raise TypeError(f"{t!r} is not an nn.Module subclass")
-        _UNIT_TYPES[t] = family or t.__name__
+        if expand is None: _UNIT_TYPES[t] = family or t.__name__
+        else: _EXPAND[t] = (expand, family or t.__name__)
     if pred is not None: _UNIT_PREDS.append((pred, family or getattr(pred, '__name__', 'custom')))
 
 def supported_families() -> list[str]:
     "Names of the families `body_blocks` knows"
-    return sorted(set(_UNIT_TYPES.values()) | {f for _,f in _UNIT_PREDS})
+    return sorted(set(_UNIT_TYPES.values()) | {f for _,f in _UNIT_PREDS} | {f for _,f in _EXPAND.values()})
 
-def _try_register(modname, names, family):
-    "Register the unit classes `names` of `modname` if that library is installed"
+def _try_register(modname, names, family, expand=None):
+    "Register the unit classes (or containers, with `expand`) `names` of `modname` if that library is installed"
     import importlib
     try: mod = importlib.import_module(modname)
     except Exception: return
     ts = [getattr(mod, n) for n in names if hasattr(mod, n)]
-    if ts: register_blocks(*ts, family=family)
+    if ts: register_blocks(*ts, family=family, expand=expand)
+
+# %% ../nbs/01_blocks.ipynb #d006b
+class DenseUnit(nn.Module):
+    "One layer of a dense block as a unit: its input, then the features the layer adds (what the block concatenates)"
+    def __init__(self,
+        layer:nn.Module,  # a dense layer (timm `DenseLayer`, torchvision `_DenseLayer`): the model's own module
+    ): super().__init__(); self.layer = layer
+    def forward(self, x): return torch.cat([x, self.layer(x)], 1)
+
+def _dense_units(block): return [DenseUnit(l) for l in block.children()]
 
 # %% ../nbs/01_blocks.ipynb #c007
 _try_register('torchvision.models.resnet', ['BasicBlock', 'Bottleneck'], 'torchvision ResNet/ResNeXt/Wide-ResNet')
@@ -54,19 +68,35 @@ _try_register('fastai.layers', ['ResBlock'], 'fastai XResNet (incl. SE/ResNeXt)'
 _try_register('timm.models.resnet', ['BasicBlock', 'Bottleneck'], 'timm ResNet/SE-ResNet/ResNeXt/SE-ResNeXt')
 _try_register('timm.models._efficientnet_blocks',
               ['DepthwiseSeparableConv', 'InvertedResidual', 'EdgeResidual', 'CondConvResidual', 'UniversalInvertedResidual'],
-              'timm EfficientNet/MobileNet (MBConv)')
+              'timm EfficientNet/EfficientNetV2/MobileNet (MBConv)')
 _try_register('pytorchcv.models.resnet', ['ResUnit'], 'pytorchcv ResNet')
 _try_register('pytorchcv.models.seresnet', ['SEResUnit'], 'pytorchcv SE-ResNet')
 _try_register('pytorchcv.models.resnext', ['ResNeXtUnit'], 'pytorchcv ResNeXt')
 _try_register('pytorchcv.models.seresnext', ['SEResNeXtUnit'], 'pytorchcv SE-ResNeXt')
 _try_register('pytorchcv.models.efficientnet', ['EffiDwsConvUnit', 'EffiInvResUnit'], 'pytorchcv EfficientNet')
+# beyond the ResNet and EfficientNet families: torchvision has no structure to read (timm's come from the generic path below)
+_try_register('torchvision.models.convnext', ['CNBlock'], 'torchvision ConvNeXt')
+_try_register('torchvision.models.regnet', ['ResBottleneckBlock'], 'torchvision RegNet')
+_try_register('torchvision.models.efficientnet', ['MBConv', 'FusedMBConv'], 'torchvision EfficientNet/EfficientNetV2')
+_try_register('torchvision.models.mobilenetv2', ['InvertedResidual'], 'torchvision MobileNetV2')
+_try_register('torchvision.models.mobilenetv3', ['InvertedResidual'], 'torchvision MobileNetV3')
+_try_register('torchvision.models.shufflenetv2', ['InvertedResidual'], 'torchvision ShuffleNetV2')
+_try_register('torchvision.models.mnasnet', ['_InvertedResidual'], 'torchvision MNASNet')
+_try_register('pytorchcv.models.densenet', ['DenseUnit'], 'pytorchcv DenseNet')
+_try_register('pytorchcv.models.regnet', ['RegNetUnit'], 'pytorchcv RegNet')
+_try_register('pytorchcv.models.mobilenetv3', ['MobileNetV3Unit'], 'pytorchcv MobileNetV3')
+_try_register('pytorchcv.models.ghostnet', ['GhostUnit'], 'pytorchcv GhostNet')
+# dense blocks, one `DenseUnit` per layer (timm's generic path would cut DenseNet by stage only)
+_try_register('timm.models.densenet', ['DenseBlock'], 'timm DenseNet (dense layers)', expand=_dense_units)
+_try_register('torchvision.models.densenet', ['_DenseBlock'], 'torchvision DenseNet (dense layers)', expand=_dense_units)
 
 # %% ../nbs/01_blocks.ipynb #c010
 def is_unit(m:nn.Module) -> bool:
     "Is `m` one residual unit of a registered family?"
     return isinstance(m, tuple(_UNIT_TYPES)) or any(p(m) for p,_ in _UNIT_PREDS)
 
-def _has_unit(m): return any(is_unit(o) for o in m.modules())
+def _expander(m): return next((f for t,(f,_) in _EXPAND.items() if isinstance(m, t)), None)
+def _has_unit(m): return any(is_unit(o) or _expander(o) is not None for o in m.modules())
 
 _HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear)
 def _is_head(m):
@@ -74,28 +104,146 @@ def _is_head(m):
     return any(isinstance(o, _HEAD_TYPES) for o in m.modules())
 
 def _items(m):
-    "Flatten `m` into top-level items in forward order, descending into containers that hold units"
-    if is_unit(m) or not _has_unit(m): return [m]
+    "Flatten `m` into (item, is it a unit) in forward order, descending into containers that hold units"
+    if (f := _expander(m)) is not None: return [(u, True) for u in f(m)]
+    if is_unit(m) or not _has_unit(m): return [(m, is_unit(m))]
     return [o for c in m.children() for o in _items(c)]
 
+def _seq(g): return g[0] if len(g) == 1 else nn.Sequential(*g)
+
+def _unit_blocks(model):
+    "Blocks from the units of known families: the stem, then one per unit with the non-unit layers after it; None if no unit"
+    items = _items(model)
+    units = [i for i,(_,u) in enumerate(items) if u]
+    if not units: return None
+    end = next((i for i in range(units[-1]+1, len(items)) if _is_head(items[i][0])), len(items))
+    groups = [[o for o,_ in items[:units[0]]]] if units[0] else []
+    for o, u in items[units[0]:end]:
+        if u: groups.append([o])
+        else: groups[-1].append(o)
+    return [_seq(g) for g in groups]
+
+# %% ../nbs/01_blocks.ipynb #t010b
+def _timm_body(model):
+    "The timm model that is `model`'s body: the model itself, or the one in fastai's `TimmBody` (in `Sequential(body, head)`)"
+    model = getattr(get_model(model), '_orig_mod', get_model(model))   # under DDP or `torch.compile`: the model inside
+    m = model[0] if isinstance(model, nn.Sequential) and len(model) == 2 else model
+    if isinstance(m, TimmBody): m = m.model if m.needs_pool else None   # without pooling `TimmBody` runs the whole classifier
+    return m if callable(getattr(m, 'group_matcher', None)) and getattr(m, 'feature_info', None) else None
+
+@contextlib.contextmanager
+def _evaluating(m):
+    "`m` in eval mode inside; every module's mode as it was after"
+    modes = [(o, o.training) for o in m.modules()]
+    m.eval()
+    try: yield
+    finally:
+        for o, t in modes: o.training = t
+
+def _trace(tm):
+    "A fixed input, the modules `tm.forward_features` calls on it (id -> rank of the first call) and its output; None if it fails"
+    p, conv = next(tm.parameters()), next((o for o in tm.modules() if isinstance(o, nn.Conv2d)), None)
+    c = conv.in_channels if conv is not None else 3
+    for size in (32, 64, 224):   # the smallest side the model takes
+        x = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+        order = {}
+        def seen(m, args): order.setdefault(id(m), len(order))   # returns None: the input goes on unchanged
+        hs = [o.register_forward_pre_hook(seen) for o in tm.modules()]
+        try: out = tm.forward_features(x)
+        except Exception: continue
+        finally:
+            for h in hs: h.remove()
+        return (x, order, out) if isinstance(out, torch.Tensor) else None
+
+def _labels(tm, label):
+    "id(module) -> the set of `label`s (a dict: module name -> label) of the named modules in it, itself included"
+    res = {}
+    def rec(m, name):
+        s = {label[name]} if name in label else set()
+        for k, c in m.named_children(): s |= rec(c, f'{name}.{k}' if name else k)
+        res[id(m)] = s
+        return s
+    rec(tm, '')
+    return res
+
+def _walk(tm, order, lab):
+    "The modules of `tm` that `forward_features` calls, in call order: whole if they have at most one label, else their children"
+    def walk(m):
+        cs = sorted((c for c in m.children() if id(c) in order), key=lambda c: order[id(c)])
+        return [m] if len(lab[id(m)]) <= 1 or not cs else [o for c in cs for o in walk(c)]
+    return walk(tm)
+
+# %% ../nbs/01_blocks.ipynb #t010c
+def _group_cut(tm, order):
+    "One block per layer group of timm's `group_matcher(coarse=False)`: the stem, each unit, ..."
+    from timm.models._manipulate import group_modules
+    lab = _labels(tm, group_modules(tm, tm.group_matcher(coarse=False), reverse=True))
+    groups, cur = [], None
+    for o in _walk(tm, order, lab):
+        l = next(iter(lab[id(o)]), None)
+        if groups and (l is None or cur is None or l == cur): groups[-1].append(o)
+        else: groups.append([o])
+        cur = cur if l is None else l
+    return [_seq(g) for g in groups]
+
+def _stage_cut(tm, order):
+    "One block per stage of timm's `feature_info`: each ends with a stage's module; what follows the last stage joins it"
+    lab = _labels(tm, {f['module']: i for i, f in enumerate(tm.feature_info)})
+    items = _walk(tm, order, lab)
+    stage, groups = [bool(lab[id(o)]) for o in items], [[]]
+    for i, o in enumerate(items):
+        groups[-1].append(o)
+        if stage[i] and any(stage[i+1:]): groups.append([])
+    return [_seq(g) for g in groups]
+
+def _exact(x, out, bs):
+    "Do the blocks `bs`, run in order on `x`, give `out`, each passing on a tensor (HRNet's branches pass lists)?"
+    try:
+        for b in bs:
+            if not isinstance(x := b(x), torch.Tensor): return False
+    except Exception: return False   # a cut that cannot run is not exact
+    return x.shape == out.shape and torch.allclose(x, out, rtol=1e-3, atol=1e-4 * float(out.abs().max()))
+
+def _timm_blocks(tm, units=None):
+    "(blocks, how) for the timm model `tm`: `units` (from the known families) if exact, else the finer exact cut of timm's layer groups and stages"
+    with _evaluating(tm), torch.no_grad():
+        if (t := _trace(tm)) is None: return (units, 'units') if units else None   # nothing runs: nothing to check against
+        x, order, out = t
+        if units and _exact(x, out, units): return units, 'units'
+        cuts = []
+        for how, cut in (('timm layer groups', _group_cut), ('timm stages', _stage_cut)):
+            try: cuts.append((cut(tm, order), how))
+            except Exception: pass   # a model without layer groups, say
+        return max((c for c in cuts if _exact(x, out, c[0])), key=lambda c: len(c[0]), default=None)
+
 # %% ../nbs/01_blocks.ipynb #c011
+def _given(model):
+    "Blocks `set_blocks` stored on `model` or a module in it"
+    return next((m.__dict__['_fastboost_blocks'] for m in model.modules() if '_fastboost_blocks' in m.__dict__), None)
+
+def _find_blocks(model):
+    "`model`'s blocks and how they were found: 'set_blocks', 'units', 'timm layer groups' or 'timm stages'"
+    if (bs := _given(model)) is not None: return list(bs), 'set_blocks'
+    bs, tm = _unit_blocks(model), _timm_body(model)
+    if tm is None and bs is not None: return bs, 'units'
+    if tm is not None and (r := _timm_blocks(tm, bs)) is not None: return r   # for timm, units too are checked
+    what = (f"The residual units in {type(model).__name__} are not run one after another" if bs is not None else
+            f"No residual unit found in {type(model).__name__}")
+    why = (f"{type(tm).__name__} is a timm model, but neither its layer groups (`group_matcher`) nor its stages "
+           f"(`feature_info`) rebuild its `forward_features`" if tm is not None else
+           "its timm body runs the whole model (no feature map to pool: not a CNN)"
+           if any(isinstance(m, TimmBody) for m in model.modules()) else "it is not a timm model")
+    raise ValueError(f"{what}, and {why}: `body_blocks` knows "
+                     f"{', '.join(supported_families())}, and any timm model its structure cuts. Give the blocks yourself: "
+                     f"`set_blocks(learn.model, [stem, block1, block2, ...])`, modules of the model that, run one after the "
+                     f"other, compute the body (`check_blocks` checks it); or add a family with `register_blocks(UnitClass)` "
+                     f"or `register_blocks(pred=...)`.")
+
 def body_blocks(
     model:nn.Module,  # a `vision_learner` model (body + head), a bare body, or a whole classifier
 ) -> list[nn.Module]:
-    "The blocks of a CNN body in forward order: the stem, then one block per residual unit"
-    items = _items(model)
-    first = next((i for i,o in enumerate(items) if is_unit(o)), None)
-    if first is None:
-        raise ValueError(f"No residual unit found in {type(model).__name__}: `body_blocks` knows "
-                         f"{', '.join(supported_families())}. Add a family with `register_blocks(UnitClass)` "
-                         f"or `register_blocks(pred=...)`.")
-    if first == 0: raise ValueError(f"{type(model).__name__} starts with a residual unit: there is no stem to make block 0")
-    groups = [items[:first]]
-    for o in items[first:]:
-        if is_unit(o): groups.append([o])
-        elif _is_head(o): break
-        else: groups[-1].append(o)
-    return [g[0] if len(g)==1 else nn.Sequential(*g) for g in groups]
+    "The blocks of a CNN body in forward order: the stem, then one block per residual or dense unit (else per stage)"
+    return _find_blocks(model)[0]
 
 # %% ../nbs/01_blocks.ipynb #c017
 def block_splitter(
@@ -138,12 +286,18 @@ def _rng_kept():
 
 class _Reached(Exception): "The forward pass got to the block: stop there"
 
+def _entry(block):
+    "The model's own module that receives `block`'s input: the model never calls what `body_blocks` builds (`nn.Sequential`s of its modules, `DenseUnit`s)"
+    while type(block) is nn.Sequential and len(block): block = block[0]
+    return block.layer if isinstance(block, DenseUnit) else block
+
 def _block_inputs(model, block, batches):
     "The input of `block` each time `model` runs on one of `batches` (a tensor, or a tuple whose first item is it)"
-    got = []
-    def grab(m, args): got.append(args[0].detach()); raise _Reached()
+    got, entry = [], _entry(block)
+    def grab(m, args):   # a dense layer is given the list of the features before it: the unit's input is their concatenation
+        a = args[0]; got.append((torch.cat(a, 1) if isinstance(a, (list, tuple)) else a).detach()); raise _Reached()
     for b in batches:
-        h = block.register_forward_pre_hook(grab)   # only while the model runs: `update_bn` then calls the block itself
+        h = entry.register_forward_pre_hook(grab)   # only while the model runs: `update_bn` then calls the block itself
         try:
             with torch.no_grad(): model(b[0] if isinstance(b, (tuple, list)) else b)
         except _Reached: pass
@@ -191,17 +345,41 @@ def check_blocks(
     n:int=None,        # the expected number of blocks
     size:int=32,       # side of the random test images
 ) -> list[nn.Module]:
-    "Check that `body_blocks(model)` rebuilds `body` exactly from the model's own modules"
+    "Check that `body_blocks(model)` rebuilds `body` exactly from the model's own modules, each parameter in one block"
     model.eval()
     blocks = body_blocks(model)
     if n is not None and len(blocks) != n: raise AssertionError(f"{len(blocks)} blocks, expected {n}")
-    own = {id(p) for p in model.parameters()}
-    if not all(id(p) in own for b in blocks for p in b.parameters()): raise AssertionError("blocks hold copies")
+    own, seen = {id(p) for p in model.parameters()}, set()
+    for b in blocks:
+        ps = {id(p) for p in b.parameters()}
+        if not ps <= own: raise AssertionError("blocks hold copies")
+        if ps & seen: raise AssertionError("blocks share parameters")
+        seen |= ps
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(): a, b = nn.Sequential(*blocks)(x), body(x)
     if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
         raise AssertionError(f"blocks do not rebuild the body: {tuple(a.shape)} vs {tuple(b.shape)}")
     return blocks
+
+# %% ../nbs/01_blocks.ipynb #s015b
+def set_blocks(
+    model:nn.Module,  # the model whose body is cut (e.g. `learn.model`)
+    blocks:list,      # the model's modules (or `nn.Sequential`s of them) that, run in order, compute its body; None: forget
+) -> list|None:
+    "Cut `model`'s body yourself: `body_blocks` (and so every callback) returns `blocks` from now on"
+    for m in model.modules(): m.__dict__.pop('_fastboost_blocks', None)
+    if blocks is None: return None
+    names, seen = {id(p): n for n, p in model.named_parameters()}, {}
+    for i, b in enumerate(blocks):
+        if not isinstance(b, nn.Module): raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
+        for p in b.parameters():
+            if id(p) not in names: raise ValueError(f"block {i} holds parameters that are not the model's: give its own "
+                                                    f"modules (`nn.Sequential(body.stem, body.stages[0])` groups them, without copies)")
+            if id(p) in seen: raise ValueError(f"blocks {seen[id(p)]} and {i} share the parameter {names[id(p)]}: put each in one block")
+            seen[id(p)] = i
+    home = os.path.commonprefix([names[i].split('.')[:-1] for i in seen]) if seen else []   # the smallest module holding them
+    model.get_submodule('.'.join(home)).__dict__['_fastboost_blocks'] = list(blocks)
+    return list(blocks)
 
 # %% ../nbs/01_blocks.ipynb #ss2
 def _parent(model, target):
