@@ -26,8 +26,8 @@ from .core import (check_alone, distributed_trainer, save_atomic, any_rank, Rest
                             lr_schedule, peak_lrs, param_groups, take_over)
 
 # %% auto #0
-__all__ = ['RECIPE', 'boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head',
-           'pool_head', 'BoostResNetCallback', 'FeatureCache']
+__all__ = ['boost_loss', 'boost_edge', 'boost_alpha', 'boost_gamma', 'split_budget', 'aux_head', 'conv_head', 'pool_head',
+           'BoostResNetCallback', 'FeatureCache']
 
 # %% ../nbs/02_boost.ipynb #c006
 def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
@@ -313,16 +313,16 @@ def _random_tfms(dl) -> list:
     return [type(t).__name__ for p in ('after_item', 'before_batch', 'after_batch')
             for t in getattr(getattr(dl, p, None), 'fs', []) if getattr(t, 'split_idx', None) == 0]
 
-RECIPE = dict(epochs_per_block=3, lr=3e-3)   # the block-wise phase that measured best (Adam, the cache): `fit_boostresnet`'s defaults
+_RECIPE = dict(epochs_per_block=3, lr=3e-3)   # the block-wise phase that measured best (Adam, the cache): `fit_boostresnet`'s defaults
 
 @patch
 def _say_budget(self:BoostResNetCallback, learn):
     "Warn when the fit gives each block fewer epochs than the recipe, and say what to call instead"
     n, e = len(self.blocks), learn.n_epoch / len(self.blocks)
-    if e < RECIPE['epochs_per_block'] and not self.resume: warnings.warn(
+    if e < _RECIPE['epochs_per_block'] and not self.resume: warnings.warn(
         f"BoostResNetCallback: this fit gives each of the {n} blocks {e:.2g} epochs. The block-wise phase measured best at "
-        f"{RECIPE['epochs_per_block']} epochs per block with the cache, at a peak learning rate of {RECIPE['lr']:g} with "
-        f"fastai's Adam: `learn.fit({RECIPE['epochs_per_block'] * n}, {RECIPE['lr']:g}, cbs=BoostResNetCallback())`, or "
+        f"{_RECIPE['epochs_per_block']} epochs per block with the cache, at a peak learning rate of {_RECIPE['lr']:g} with "
+        f"fastai's Adam: `learn.fit({_RECIPE['epochs_per_block'] * n}, {_RECIPE['lr']:g}, cbs=BoostResNetCallback())`, or "
         "`learn.fit_boostresnet()`, which also fine-tunes end to end")
 
 @patch
@@ -781,8 +781,8 @@ def plot(self:BoostResNetCallback, ax=None):
 @patch
 def fit_boostresnet(
     self:Learner,
-    epochs_per_block:float=RECIPE['epochs_per_block'],  # training epochs for each block (the study: 1; with the cache 3 train far better for about a third of `fit_one_cycle(10)`'s time)
-    lr:float=RECIPE['lr'],      # peak learning rate of each stage (3x fastai's default, measured best with Adam on two datasets)
+    epochs_per_block:float=_RECIPE['epochs_per_block'],  # training epochs for each block (the study: 1; with the cache 3 train far better for about a third of `fit_one_cycle(10)`'s time)
+    lr:float=_RECIPE['lr'],      # peak learning rate of each stage (3x fastai's default, measured best with Adam on two datasets)
     fine_tune:int=0,            # epochs of end-to-end `fit_one_cycle` afterwards ("BoostResNet + e2eBP")
     fine_tune_lr:float=None,    # peak learning rate of the fine-tuning (default: `lr / 10`: it starts from trained weights)
     **kwargs,                   # passed to `BoostResNetCallback`
