@@ -137,11 +137,11 @@ class _Unwrapped(nn.Module):
     def __init__(self, m): super().__init__(); self.module = m
 
 # %% ../nbs/02_boost.ipynb #c014
-def _split_model(model):
+def _split_model(model, who='BoostResNetCallback'):
     "(body, head) of a `vision_learner`-style model `Sequential(body, head)`"
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(is_unit(m) for m in model[1].modules()):
         return model[0], model[1]
-    raise ValueError(f"BoostResNetCallback needs a model made of a body and a head, as `vision_learner` builds "
+    raise ValueError(f"{who} needs a model made of a body and a head, as `vision_learner` builds "
                      f"(`nn.Sequential(body, head)`); got {type(model).__name__}. Build the learner with "
                      f"`vision_learner(dls, arch, ...)`, or wrap your model as `nn.Sequential(body, head)`.")
 
@@ -600,11 +600,12 @@ class FeatureCache:
         flip:bool=False,            # also hold every training image's horizontal flip, advanced alongside (`train_batch` picks one per row)
         shift:float=0.,             # translate each training row by up to this fraction of its map's side (0.125: 4 px at 32, 1 px at 8)
         folder=None,                # hold the features in memory-mapped files in this folder (None: in host memory)
+        valid:bool=True,            # hold the validation set too (False: an empty split 1)
     ):
         self.device, self.dtype, self.shift, self.folder, self.x, self.y, self._maps = device, dtype, shift, folder, [], [], {}
-        for dl in (dls.train, dls.valid):
+        for dl in (dls.train, dls.valid if valid else None):
             xx, yy = [], []
-            for x, y in _eval_batches(dl): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
+            for x, y in (_eval_batches(dl) if dl is not None else ()): xx.append(x.detach().to('cpu', dtype)); yy.append(y.detach().cpu())
             self.y.append(torch.cat(yy) if yy else self.y[0][:0])   # no validation set: empty
             self.x.append(self._store(torch.cat(xx)) if xx else self.x[0][:0])
         if flip: self.x.append(self._store(self.x[0].flip(-1))); self.y.append(self.y[0])   # split 2: the flipped training images

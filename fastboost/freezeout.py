@@ -21,6 +21,7 @@ from fastai.torch_core import get_model
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
 from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
+from .boost import FeatureCache, _split_model, _random_tfms
 import warnings
 from .core import (check_alone, distributed_trainer, all_ranks, Restores, nonfinite, stop_fit, acts,
                             lr_schedule, peak_lrs, param_groups)
@@ -126,17 +127,23 @@ def predicted_saving(
     costs:pd.DataFrame,  # from `stage_costs`: the blocks, then any never-frozen stages
     iters:list,          # freeze iteration of each block
     n_iter:int,          # total training iterations
+    epoch:int=None,      # with the cache: iterations per epoch (the frozen prefix is cached at each epoch's start)
 ) -> float:
     "Fraction of the forward+backward FLOPs of training that freezing at `iters` saves"
-    return 1 - _rel_cost(costs, iters, n_iter).mean()
+    return 1 - _rel_cost(costs, iters, n_iter, epoch).mean()
 
-def _rel_cost(costs, iters, n_iter):
-    "Cost of each training iteration relative to an unfrozen one ($C_{j(k)}/C_0$)"
+def _rel_cost(costs, iters, n_iter, epoch=None):
+    "Cost of each training iteration relative to an unfrozen one ($C_{j(k)}/C_0$); with `epoch`, the cached prefix's forward skipped and its caching passes counted"
     F, W, X = (costs[c].to_numpy(dtype=float) for c in ('fwd', 'bwd', 'bwd_x'))
-    n = len(iters)
+    n, order = len(iters), np.sort(iters)
     c = np.array([F.sum() + W[j:].sum() + X[j+1:].sum() for j in range(n+1)])   # $C_j$: the first j blocks frozen
-    frozen = np.searchsorted(np.sort(iters), np.arange(n_iter), side='right')    # blocks frozen at iteration k
-    return c[frozen]/c[0]
+    frozen = np.searchsorted(order, np.arange(n_iter), side='right')             # blocks frozen at iteration k
+    if epoch is None: return c[frozen]/c[0]
+    fc = np.concatenate([[0.], np.cumsum(F[:n])])                               # forward of the first j blocks
+    cached = np.searchsorted(order, np.arange(n_iter) // epoch * epoch, side='right')   # frozen at the epoch's start
+    grew = np.diff(np.concatenate([[0], cached]))                               # blocks newly cached at iteration k
+    adv = np.where(grew > 0, (fc[cached] - fc[cached - grew]) * epoch, 0.)      # one pass of them over the epoch's items
+    return (c[frozen] - fc[cached] + adv)/c[0]
 
 # %% ../nbs/03_freezeout.ipynb #c014
 def _param_state(opt):
@@ -169,7 +176,7 @@ class FreezeOutCallback(Restores, Callback):
     "FreezeOut (Brock et al. 2017): each block's learning rate annealed to zero, then the block frozen for real; at fixed times or (`t0='auto'`) once it has settled"
     order, run_valid = 60, False   # a scheduler like `ParamScheduler` (60); after `TrainEvalCallback` (-10) sets modes
     # the fit's machinery, not its results: not pickled by `learn.export` (the report and speed-up are)
-    _stateattrs = ('learner', '_sched', '_ps', '_dt', '_old_opt', '_rg', '_modes', '_untracked', '_ddp', '_ddp0', '_prev', '_w0')
+    _stateattrs = ('learner', '_sched', '_ps', '_dt', '_old_opt', '_rg', '_modes', '_untracked', '_ddp', '_ddp0', '_prev', '_w0', '_features', '_model')
     def _init_state(self):
         for a in self._stateattrs: setattr(self, a, None)
         self._rg, self._modes, self._untracked = [], {}, []
@@ -184,6 +191,8 @@ class FreezeOutCallback(Restores, Callback):
         tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
         window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training, at least 10)
         warmup:float=0.,       # fixed t0: fraction of training over which every learning rate rises linearly from 0 before its cosine
+        cache:bool=False,      # from each epoch on, train on the frozen blocks' cached outputs instead of running them (needs frozen_bn='eval'; without the training set's random transforms)
+        cache_dtype=torch.float16, # dtype of the cached features
     ):
         if t0 != 'auto': _check_args(t0, schedule)
         if t0 == 'auto' and warmup: raise ValueError("warmup is for a fixed t0: with t0='auto' the fit's own schedule warms up (fit_one_cycle does)")
@@ -194,7 +203,10 @@ class FreezeOutCallback(Restores, Callback):
         if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
         if scale_lr not in (True, False, 'auto'): raise ValueError(f"scale_lr must be True, False or 'auto', got {scale_lr!r}")
         if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
+        if cache and frozen_bn != 'eval': raise ValueError("cache=True needs frozen_bn='eval': with batch statistics a frozen "
+                                                           "block's output depends on the batch, so it cannot be cached")
         self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
+        self.cache, self.cache_dtype = cache, cache_dtype
         self.bn_samples, self.tol, self.window, self.warmup = bn_samples, tol, window, warmup
         self.report, self.speedup = None, {}
 
@@ -213,7 +225,10 @@ class FreezeOutCallback(Restores, Callback):
         self._old_opt, self._rg = lrn.opt, [(p, p.requires_grad) for p in lrn.model.parameters()]
         self._modes, self.n_frozen, self.it, self._times, self._costs, self._untracked = {}, 0, 0, [], None, []
         self._ddp0, self._ddp, self._rewrap_s, self._checked = None, None, [], 0
+        self._features, self._model, self.n_cached, self._cache_s = None, lrn.model, 0, 0.
+        self._epoch_len = len(lrn.dls.train) if self.cache else None
         self._active = True
+        if self.cache: _say_augmentation(lrn)
         if self.auto: self._auto_start(lrn, blocks, T); return   # the learner's own optimizer and schedule: nothing to swap
         self._per_block_opt(lrn)
         self.report = pd.DataFrame(dict(block=[type(b).__name__ for b in blocks],
@@ -223,23 +238,28 @@ class FreezeOutCallback(Restores, Callback):
 
     def before_train(self):
         for b in self.blocks[:self.n_frozen]: self._frozen_mode(b)   # `TrainEvalCallback` just put the whole model in train mode
+        if self.cache:
+            if self._costs is None: self._cost_model(_first_batch(self.dls.train))
+            self._freeze_due(self.epoch*len(self.dls.train)); self._use_cache()
 
     def before_batch(self):
         self.it = self.epoch*len(self.dls.train) + self.iter   # exact also when resuming with `start_epoch`
-        if self._costs is None: self._cost_model()
-        if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.it:
-            self._check_finite()   # a block is frozen only with finite weights
-            while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= self.it: self._freeze(self.n_frozen)
-            if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
+        if self._costs is None: self._cost_model(self.xb[0])
+        self._freeze_due(self.it)
         if not self.auto and self._sched is None:   # 'auto' leaves the rates to the fit; a fit method's scheduler sets `_lrs_at`'s
             self.learn.opt.set_hyper('lr', self._lrs_at(self.it/self.total_iters))
         if self.timing: self._t = self._now()
+        if self.n_cached:   # the batch's indices -> the cached outputs of the frozen prefix (the gather is timed)
+            x, y = self._features.train_batch(self.xb[0].cpu(), self.it)
+            self.learn.xb, self.learn.yb = (x,), (y,)
 
     def after_batch(self):
         if self.timing: self._times.append(self._now() - self._t)
         if self.auto and (self.it + 1) % self.n_window == 0: self._auto_check()
 
-    def after_train(self): self._check_finite()
+    def after_train(self):
+        self._check_finite()
+        if self.n_cached: self.learn.model = self._model   # validation runs the whole model on the learner's own batches
 
     def after_fit(self):
         if not self._active: return
@@ -267,6 +287,10 @@ def _check_fit(self:FreezeOutCallback, lrn):
     if sum(isinstance(c, FreezeOutCallback) for c in lrn.cbs) > 1:
         raise ValueError("Two FreezeOutCallbacks in one fit: keep one (a callback kept with `learn.add_cb` is already in the fit)")
     check_alone(self, lrn.cbs)   # BoostResNet (order -9) has already swapped in its stage model: it is put back first
+    if self.cache:
+        if distributed_trainer(lrn.cbs) is not None or isinstance(lrn.model, DistributedDataParallel):
+            raise ValueError("FreezeOutCallback(cache=True) is not available in distributed training: use cache=False")
+        _split_model(lrn.model, 'FreezeOutCallback(cache=True)')   # a body and a head, as `vision_learner` builds: raises with what to do
     if isinstance(lrn.opt_func, OptimWrapper):
         raise ValueError("FreezeOutCallback needs one parameter group per block: pass `opt_func` as a function "
                          "(e.g. `partial(OptimWrapper, opt=torch.optim.SGD)`), not a built optimizer")
@@ -325,9 +349,17 @@ def _per_block_opt(self:FreezeOutCallback, lrn):
 
 # %% ../nbs/03_freezeout.ipynb #c014f
 @patch
+def _freeze_due(self:FreezeOutCallback, it):
+    "Freeze every block whose freeze iteration has come by iteration `it`"
+    if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= it:
+        self._check_finite()   # a block is frozen only with finite weights
+        while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= it: self._freeze(self.n_frozen)
+        if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
+
+@patch
 def _check_finite(self:FreezeOutCallback):
     "Stop the fit (warning, then `CancelFitException`) if a weight or buffer is NaN or infinite: one device sync"
-    bad = nonfinite(get_model(self.learn.model).state_dict().items())
+    bad = nonfinite(get_model(self._model).state_dict().items())
     if bad is None: self._checked = self.it; return
     stop_fit(f"FreezeOutCallback: {bad} is NaN or infinite at iteration {self.it} (the loss "
            f"turned NaN/inf after iteration {self._checked}, the last check): fit stopped. The {self.n_frozen} blocks "
@@ -363,7 +395,7 @@ def _exact_bn(self:FreezeOutCallback, b):
     dl = self.dls.train
     dl = getattr(dl, 'dl', dl) if type(dl).__name__ == 'DistributedDL' else dl   # each process its own batches
     batches = itertools.islice(dl.new(shuffle=True, drop_last=False), max(1, math.ceil(self.bn_samples/dl.bs)))
-    with _rng_kept(): exact_bn_stats(get_model(self.learn.model), b, batches)   # the fit's own draws as without it
+    with _rng_kept(): exact_bn_stats(get_model(self._model), b, batches)   # the fit's own draws as without it
 
 @patch
 def _rewrap(self:FreezeOutCallback):
@@ -373,6 +405,39 @@ def _rewrap(self:FreezeOutCallback):
     self.learn.model = self._ddp = _ddp_like(self.learn.model, self._dt)
     self._rewrap_s.append(time.perf_counter() - t)
 
+# %% ../nbs/03_freezeout.ipynb #fcm1
+class _Suffix(nn.Module):
+    "The model from block `k` on: the blocks after the cached prefix, then the head"
+    def __init__(self, blocks, head): super().__init__(); self.blocks, self.head = nn.ModuleList(blocks), head
+    def forward(self, x):
+        for b in self.blocks: x = b(x)
+        return self.head(x)
+
+def _first_batch(dl):
+    "The first training batch's inputs, drawn without moving the random generators"
+    with _rng_kept(): return dl.one_batch()[0]
+
+def _say_augmentation(lrn):
+    tfms = _random_tfms(lrn.dls.train)
+    if tfms: warnings.warn(f"FreezeOutCallback(cache=True) trains the blocks after the frozen prefix on its cached outputs, "
+                           f"computed without the training set's random transforms ({', '.join(dict.fromkeys(tfms))}): "
+                           "augmentation is off once blocks are frozen and cached. cache=False keeps it")
+
+@patch
+def _use_cache(self:FreezeOutCallback):
+    "At an epoch's start: advance the cache through the blocks frozen since the last epoch, and train the rest on it"
+    k = self.n_frozen
+    if k == 0: return
+    if k > self.n_cached:
+        t = time.perf_counter()
+        with _rng_kept():   # the fit's own random draws (dropout, batch order) as without the cache
+            if self._features is None:
+                self._features = FeatureCache(self.dls, self.learn.dls.device or 'cpu', self.cache_dtype, valid=False)
+            for b in self.blocks[self.n_cached:k]: self._features.advance(b)
+        self.n_cached, self._cache_s = k, self._cache_s + time.perf_counter() - t
+    self.learn.dl = self._features.loaders[0]
+    self.learn.model = _Suffix(self.blocks[k:], _split_model(self._model)[1])
+
 # %% ../nbs/03_freezeout.ipynb #c014t
 @patch
 def _now(self:FreezeOutCallback):
@@ -380,23 +445,25 @@ def _now(self:FreezeOutCallback):
     return time.perf_counter()
 
 @patch
-def _cost_model(self:FreezeOutCallback):
-    x = self.xb[0] if self.cost == 'time' else self.xb[0][:8]   # FLOP ratios do not depend on the batch size
-    m = get_model(self.learn.model)   # not through DDP: no gradient all-reduce for the cost probe
+def _cost_model(self:FreezeOutCallback, xb):
+    x = xb if self.cost == 'time' else xb[:8]   # FLOP ratios do not depend on the batch size
+    m = get_model(self._model)   # not through DDP: no gradient all-reduce for the cost probe
     self._costs = stage_costs(self.blocks, x, m if len(x) > 1 else None, self.cost)
     n, u = len(self.blocks), '_flops' if self.cost == 'flops' else '_s'
     self.report['fwd'+u] = self._costs.fwd[:n].to_numpy()
     self.report['bwd'+u] = (self._costs.bwd + self._costs.bwd_x)[:n].to_numpy()
-    self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
+    self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters, self._epoch_len)
 
 @patch
 def _finish(self:FreezeOutCallback):
     if self._rewrap_s: self.speedup.update(ddp_rewraps=len(self._rewrap_s), ddp_rewrap_s=sum(self._rewrap_s))
-    if self.auto and self._costs is not None: self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters)
+    if self.auto and self._costs is not None: self.speedup['predicted'] = predicted_saving(self._costs, self.iters, self.total_iters, self._epoch_len)
+    if self.cache: self.speedup['cache_s'] = self._cache_s
     ts = np.array(self._times)
     if not self.timing or len(ts) < self.total_iters or self.iters[0] < 2: return
     base = np.median(ts[1:self.iters[0]])   # iterations before the first freeze, the first one (warm-up) left out
-    self.speedup.update(measured=1 - ts.sum()/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=ts.sum())
+    spent = ts.sum() + self._cache_s        # with the cache, its passes over the data count too
+    self.speedup.update(measured=1 - spent/(base*len(ts)), iter_s_unfrozen=base, train_compute_s=spent)
 
 # %% ../nbs/03_freezeout.ipynb #c014u
 @patch
@@ -410,6 +477,10 @@ def _undo(self:FreezeOutCallback):
             for m,t in ms: m.train(t)
     if opt is not self._old_opt: _move_state(opt, self._old_opt)
     if getattr(self, '_ps', None) is not None: self._ps.scheds['lr'], self._ps = self._sched, None   # the scheduler's own schedule back
+    if getattr(self, '_features', None) is not None:   # the cache: the user's model and the learner's loaders back
+        lrn.model = self._model
+        if getattr(lrn, 'dl', None) in self._features.loaders: lrn.dl = None
+        self._features = None
     # interrupted under DDP (no `DistributedTrainer.after_fit`): the DDP it built, valid again with every block trainable
     if self._ddp is not None and lrn.model is self._ddp: lrn.model = self._ddp0
     lrn.opt, self._old_opt, self._rg, self._modes, self._ddp, self._ddp0 = self._old_opt, None, [], {}, None, None
@@ -451,7 +522,7 @@ def plot(self:FreezeOutCallback,
     cols = plt.cm.viridis(np.linspace(0, 0.9, len(self.times)))
     if self.auto: _plot_auto(self, a0, cols)
     else: _plot_lrs(self, a0, cols, k)
-    if self._costs is not None: a1.plot(k, _rel_cost(self._costs, self.iters, T), label=f'predicted ({self.cost})')
+    if self._costs is not None: a1.plot(k, _rel_cost(self._costs, self.iters, T, self._epoch_len), label=f'predicted ({self.cost})')
     if 'iter_s_unfrozen' in self.speedup:
         w = smooth or max(1, T//50)
         rel = pd.Series(np.asarray(self._times)/self.speedup['iter_s_unfrozen']).rolling(w, center=True, min_periods=1).median()

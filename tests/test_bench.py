@@ -124,13 +124,13 @@ def _fake_cifar(root, n_train=30, n_test=10, side=32):
     return root
 
 def test_preset_study_smoke_and_resume(tmp_path):
-    """`--preset study` on CPU, on 300 random CIFAR-shaped images at 16 px with one epoch per arm: every arm runs the
+    """`--preset study` on CPU, on 300 random CIFAR-shaped images at 8 px with one epoch per arm: every arm runs the
     study's ResNet50 with the small stem, the memory check says it was skipped (no GPU); a second run finds every job
     finished and trains nothing; deleting one job's result runs that job alone again"""
     data = _fake_cifar(tmp_path/'cifar')
     out = tmp_path/'out'
-    cmd = [sys.executable, '-m', 'fastboost.bench', '--preset', 'study', '--data', str(data), '--size', '16', '--bs', '16',
-           '--epochs', '1', '--ft-epochs', '1', '--cycles', '1', '--threads', '1', '--cache', str(tmp_path/'cache'), '--out', str(out)]
+    cmd = [sys.executable, '-m', 'fastboost.bench', '--preset', 'study', '--data', str(data), '--size', '8', '--bs', '16',
+           '--epochs', '1', '--ft-epochs', '1', '--cycles', '1', '--threads', '1', '--speed-check', '4', '--cache', str(tmp_path/'cache'), '--out', str(out)]
     run = lambda: subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     r = run()
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -142,7 +142,7 @@ def test_preset_study_smoke_and_resume(tmp_path):
     assert res['memory_check']['skipped'].startswith('needs a GPU') and 'Memory check (0.3' in r.stdout
     assert res['speed']['fastai_img_s'] > 0 and 'Speed check (' in r.stdout   # the preset's speed check, a job of its own
     jobs = sorted(f.name for f in (out/'jobs').iterdir())
-    assert jobs == ['boost+boost+e2e.json', 'e2e.json', 'freezeout.json', 'snapshot.json', 'speed50.json'], jobs
+    assert jobs == ['boost+boost+e2e.json', 'e2e.json', 'freezeout.json', 'snapshot.json', 'speed4.json'], jobs
 
     r2 = run()   # everything finished: nothing trains, the same table
     assert r2.returncode == 0 and r2.stdout.count('finished earlier') == 5, r2.stdout[-2000:]
