@@ -181,40 +181,33 @@ class FreezeOutCallback(Restores, Callback):
         for a in self._stateattrs: setattr(self, a, None)
         self._rg, self._modes, self._untracked = [], {}, []
     def __init__(self,
-        t0:float=0.8,          # fraction of training at which the first block freezes (before scaling); 'auto': when it has settled
-        schedule:str='cubic',  # 'linear', 'squared' or 'cubic' scaling of the freeze times
+        t0:float=None,         # fraction of training at which the first block freezes (before scaling); 'auto': when it has settled (default: 0.8, a pretrained body 0.1)
+        schedule:str=None,     # 'linear', 'squared' or 'cubic' scaling of the freeze times (default: 'cubic', a pretrained body 'linear')
         scale_lr='auto',       # start block $i$ at lr/$t_i$ (the paper, made for SGD); 'auto': only if the optimizer is not Adam-type
         cost:str='flops',      # cost model: 'flops' (exact, hardware-blind) or 'time' (blocks timed once on the first batch)
         timing:bool=True,      # time each training iteration to measure the speed-up
-        frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper)
-        bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper)
+        frozen_bn:str=None,    # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper) (default: 'batch', 'eval' with the cache)
+        bn_samples:int=None,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper) (default: 2048, a pretrained body 256)
         tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
         window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training, at least 10)
         warmup:float=0.,       # fixed t0: fraction of training over which every learning rate rises linearly from 0 before its cosine
-        cache:bool=False,      # from each epoch on, train on the frozen blocks' cached outputs instead of running them (needs frozen_bn='eval'; without the training set's random transforms)
+        cache:bool=None,       # from each epoch on, train on the frozen blocks' cached outputs instead of running them (needs frozen_bn='eval'; without the training set's random transforms) (default: False, a pretrained body True)
         cache_dtype=torch.float16, # dtype of the cached features
     ):
-        if t0 != 'auto': _check_args(t0, schedule)
-        if t0 == 'auto' and warmup: raise ValueError("warmup is for a fixed t0: with t0='auto' the fit's own schedule warms up (fit_one_cycle does)")
-        if not (isinstance(warmup, (int, float)) and 0 <= warmup and (t0 == 'auto' or warmup < _SCALES[schedule](t0))):
-            raise ValueError(f"warmup={warmup!r}: a fraction of training in [0, t_0), where t_0 = {schedule}({t0}) is the first block's freeze time")
         _check_auto(tol, window)
         if cost not in _MEASURES: raise ValueError(f"Unknown cost {cost!r}: use 'flops' or 'time'")
-        if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
         if scale_lr not in (True, False, 'auto'): raise ValueError(f"scale_lr must be True, False or 'auto', got {scale_lr!r}")
-        if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
-        if cache and frozen_bn != 'eval': raise ValueError("cache=True needs frozen_bn='eval': with batch statistics a frozen "
-                                                           "block's output depends on the batch, so it cannot be cached")
-        self.t0, self.schedule, self.scale_lr, self.cost, self.timing, self.frozen_bn = t0, schedule, scale_lr, cost, timing, frozen_bn
-        self.cache, self.cache_dtype = cache, cache_dtype
-        self.bn_samples, self.tol, self.window, self.warmup = bn_samples, tol, window, warmup
+        if not (isinstance(warmup, (int, float)) and warmup >= 0): raise ValueError(f"warmup={warmup!r}: a fraction of training in [0, t_0)")
+        self.scale_lr, self.cost, self.timing, self.cache_dtype, self.tol, self.window, self.warmup = scale_lr, cost, timing, cache_dtype, tol, window, warmup
+        self._given = dict(t0=t0, schedule=schedule, frozen_bn=frozen_bn, bn_samples=bn_samples, cache=cache)
+        self._resolve(False)   # checks what was given; each fit resolves the rest for its body
         self.report, self.speedup = None, {}
 
     def before_fit(self):
         if self._active: self.restore()   # left over from an interrupted fit of a callback kept in `learn.cbs`
         lrn = self.learn
         # as if absent in lr_find, validate/get_preds/predict/tta/summary and while the body is frozen (after the refusals)
-        if not acts(self, lambda: self._check_fit(lrn)): return
+        if not acts(self, lambda: (self._resolve(getattr(lrn, 'pretrained', False)), self._check_fit(lrn))): return
         blocks = body_blocks(lrn.model)
         n, T = len(blocks), len(lrn.dls.train)*lrn.n_epoch
         if T < n: raise ValueError(f"{T} training iterations for {n} blocks: FreezeOut needs at least one iteration per "
@@ -270,6 +263,27 @@ class FreezeOutCallback(Restores, Callback):
             if self.auto else f"it ended at iteration {self.it + 1} of {self.total_iters}, before the first freeze "
             f"(iteration {self.iters[0]}); a smaller t0 freezes earlier"))
         self.restore()
+
+# %% ../nbs/03_freezeout.ipynb #fpm1
+_DEFAULTS = {False: dict(t0=0.8, schedule='cubic', bn_samples=2048, cache=False),   # from scratch: the paper's
+             True:  dict(t0=0.1, schedule='linear', bn_samples=256, cache=True)}    # a pretrained body: measured in fine-tuning
+
+@patch
+def _resolve(self:FreezeOutCallback, pretrained:bool):
+    "Fill the arguments left at None with the defaults for a pretrained body or for training from scratch, and check them together"
+    d = {k: _DEFAULTS[bool(pretrained)].get(k) if v is None else v for k, v in self._given.items()}
+    if d['frozen_bn'] is None: d['frozen_bn'] = 'eval' if d['cache'] else 'batch'   # the cache needs running statistics
+    t0, schedule, frozen_bn, bn_samples, cache = d['t0'], d['schedule'], d['frozen_bn'], d['bn_samples'], d['cache']
+    if t0 != 'auto': _check_args(t0, schedule)
+    elif schedule not in _SCALES: raise ValueError(f"Unknown schedule {schedule!r}: use one of {', '.join(_SCALES)}")
+    if t0 == 'auto' and self.warmup: raise ValueError("warmup is for a fixed t0: with t0='auto' the fit's own schedule warms up (fit_one_cycle does)")
+    if t0 != 'auto' and not self.warmup < _SCALES[schedule](t0):
+        raise ValueError(f"warmup={self.warmup!r}: a fraction of training in [0, t_0), where t_0 = {schedule}({t0}) is the first block's freeze time")
+    if frozen_bn not in ('eval', 'batch'): raise ValueError(f"Unknown frozen_bn {frozen_bn!r}: use 'eval' or 'batch'")
+    if not (isinstance(bn_samples, int) and bn_samples >= 0): raise ValueError(f"bn_samples must be an int >= 0, got {bn_samples!r}")
+    if cache and frozen_bn != 'eval': raise ValueError("cache=True needs frozen_bn='eval': with batch statistics a frozen "
+                                                       "block's output depends on the batch, so it cannot be cached")
+    self.t0, self.schedule, self.frozen_bn, self.bn_samples, self.cache = t0, schedule, frozen_bn, bn_samples, bool(cache)
 
 # %% ../nbs/03_freezeout.ipynb #c014d
 @patch
@@ -491,19 +505,20 @@ def _undo(self:FreezeOutCallback):
 def fit_freezeout(self:Learner,
     n_epoch:int,           # number of epochs
     lr:float=None,         # base learning rate (default `learn.lr`)
-    t0:float=0.8,          # fraction of training at which the first block freezes (before scaling); 'auto': each block when it has settled
-    schedule:str='cubic',  # 'linear', 'squared' or 'cubic'
+    t0:float=None,         # fraction of training at which the first block freezes (before scaling); 'auto': each block when it has settled (default: 0.8, a pretrained body 0.1)
+    schedule:str=None,     # 'linear', 'squared' or 'cubic' (default: 'cubic', a pretrained body 'linear')
     scale_lr='auto',       # start block $i$ at lr/$t_i$ (True), or not (False); 'auto': only if the optimizer is not Adam-type
     cost:str='flops',      # cost model for the predicted speed-up: 'flops' or 'time'
     wd:float=None,         # weight decay (default `learn.wd`)
     cbs=None,              # more callbacks for this fit
     reset_opt:bool=False,  # reset the optimizer first
-    frozen_bn:str='batch', # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics)
-    bn_samples:int=2048,   # training images to recompute a freezing block's BatchNorm statistics on (0: keep them)
+    frozen_bn:str=None,    # a frozen block's BatchNorm: 'batch' (batch statistics) or 'eval' (running statistics) (default: 'batch', 'eval' with the cache)
+    bn_samples:int=None,   # training images to recompute a freezing block's BatchNorm statistics on (0: keep them) (default: 2048, a pretrained body 256)
     warmup:float=0.,       # fixed t0: fraction of training over which the learning rates rise linearly from 0
+    cache:bool=None,       # train on the frozen prefix's cached outputs (default: False, a pretrained body True)
 ) -> FreezeOutCallback:
     "Fit with FreezeOut (`t0='auto'`: under `fit_one_cycle`); returns the callback, whose `report` and `speedup` describe the run"
-    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples, warmup=warmup)
+    cb = FreezeOutCallback(t0, schedule, scale_lr, cost, frozen_bn=frozen_bn, bn_samples=bn_samples, warmup=warmup, cache=cache)
     fit = self.fit_one_cycle if t0 == 'auto' else self.fit   # 'auto' leaves the learning rates to fastai's default schedule
     fit(n_epoch, lr, wd=wd, cbs=L(cbs)+[cb], reset_opt=reset_opt)
     return cb
