@@ -4,7 +4,7 @@ and one HTML page per processed notebook (nbconvert standing in for Quarto).
     python docs/offline.py readme      # regenerate README.md from nbs/index.ipynb
     python docs/offline.py check       # fail if README.md is out of date
     python docs/offline.py html        # render every notebook in _proc/ to docs/_site/<page>.html
-    python docs/offline.py gpu-check nbs/results/gpu_check_h100.json   # the GPU check's section into nbs/index.ipynb, then README.md
+    python docs/offline.py gpu-check gpucheck.json   # a GPU check's JSON into nbs/results/ (the pages quote it), then README.md
 
 Where Quarto exists (the GitHub Pages workflow), `nbdev-docs` builds the site from the same notebooks.
 """
@@ -12,6 +12,7 @@ import re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+QUOTING = ('index.ipynb', '95_results.ipynb')   # the pages whose figures are drawn from nbs/results/*.json when they are built
 
 def proc(file_glob=''):
     "Run nbdev's notebook processing (directives, show_doc, hidden cells) into `_proc/`; returns its path"
@@ -19,6 +20,7 @@ def proc(file_glob=''):
     from nbdev.serve import proc_nbs
     import os; os.chdir(ROOT)
     refresh_quarto_yml()
+    for f in QUOTING: (ROOT/'_proc'/f).unlink(missing_ok=True)   # nbdev re-processes a notebook only when it changed, not its JSON
     return Path(proc_nbs(file_glob=file_glob, n_workers=0 if file_glob else 2))
 
 def readme_text():
@@ -52,10 +54,16 @@ def html_page(nb_path):
             md = o.get('data', {}).get('text/markdown')
             if md: o['data']['text/markdown'] = _re_nb_link.sub(lambda m: f"]({_page_name(m.group(1))}{m.group(2) or ''})", md)
     body, _ = HTMLExporter(config=_config()).from_notebook_node(nb, resources={'metadata': {'name': title}})
-    return meta.get('output-file', Path(nb_path).stem + '.html'), body
+    return meta.get('output-file', Path(nb_path).stem + '.html'), body.replace('</head>', _CSS + '</head>', 1)
+
+_CSS = '''<style>  /* as Quarto shows them: code blocks in the prose boxed like code cells, tables full width */
+.jp-RenderedMarkdown .highlight pre { background: var(--jp-cell-editor-background, #f5f5f5); padding: 0.5em 0.8em; border-radius: 3px; }
+.jp-RenderedMarkdown .highlight { margin: 0.6em 0 0.8em; }
+</style>
+'''
 
 def _clean(nb):
-    "A processed notebook as nbconvert takes it, and its front matter: nbdev's marks and execnb's timings gone, `echo: false` inputs tagged for removal, directives stripped"
+    "A processed notebook as nbconvert takes it, and its front matter: nbdev's marks and execnb's timings gone, `echo: false` inputs tagged for removal, `output: false` outputs dropped, directives stripped"
     import yaml
     meta = {}
     if nb.cells and nb.cells[0].cell_type == 'raw' and nb.cells[0].source.startswith('---'):
@@ -65,6 +73,7 @@ def _clean(nb):
         c.metadata.pop('execution', None)  # execnb timings, not valid nbformat
         if c.cell_type != 'code': continue
         if re.search(r'^#\|\s*echo:\s*false', c.source, re.M): c.metadata.setdefault('tags', []).append('remove_input')
+        if re.search(r'^#\|\s*output:\s*false', c.source, re.M): c.outputs = []
         c.source = _re_directive.sub('', c.source)
         for o in c.get('outputs', []):
             md = o.get('data', {}).get('text/markdown')
@@ -102,10 +111,11 @@ if __name__ == '__main__':
         if (ROOT/'README.md').read_text() != readme_text(): sys.exit('README.md is out of date: run `python docs/offline.py readme`')
         print('README.md is up to date')
     elif cmd == 'html': print('\n'.join(map(str, html())))
-    elif cmd == 'gpu-check' and len(sys.argv) == 3:   # the README quotes the check's JSON, and nothing else (fastboost.gpucheck)
-        import json
-        from fastboost.gpucheck import gpu_check_markdown, set_generated_section
-        f = Path(sys.argv[2]).resolve()
-        set_generated_section(ROOT/'nbs'/'index.ipynb', gpu_check_markdown(json.loads(f.read_text()), file=str(f.relative_to(ROOT))))
-        (ROOT/'README.md').write_text(readme_text()); print('wrote nbs/index.ipynb and README.md')
-    else: sys.exit(__doc__)
+    elif cmd == 'gpu-check' and len(sys.argv) == 3:   # the README and the results page quote the newest nbs/results/gpu_check*.json
+        import json, shutil
+        from fastboost.gpucheck import gpu_check_markdown
+        f, results = Path(sys.argv[2]).resolve(), ROOT/'nbs'/'results'
+        gpu_check_markdown(json.loads(f.read_text()))   # a check's JSON, or fail here
+        dst = f if f.parent == results else results/(f.name if f.name.startswith('gpu_check') else 'gpu_check.json')
+        if dst != f: shutil.copy(f, dst)
+        (ROOT/'README.md').write_text(readme_text()); print(f'{dst.relative_to(ROOT)} quoted; wrote README.md')
