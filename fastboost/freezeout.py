@@ -1,5 +1,4 @@
-"""FreezeOut: freeze the blocks of a CNN body one after another during training, so the end of training runs a
-shorter backward pass.
+"""FreezeOut: freeze the blocks of a CNN body one after another during training, so the end of training runs a shorter backward pass.
 
 Docs: https://fastboost.github.io/fastboost/freezeout.html.md"""
 

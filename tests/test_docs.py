@@ -104,3 +104,54 @@ def test_links_between_pages(site):
     bad = [(name, h) for name, page in site.items() for h in re.findall(r'href="([^"#:]+\.(?:html|ipynb))"', page) if h not in site]
     assert not bad, bad
     assert 'href="tutorial_boostresnet.html"' in site['index.html']
+
+# ---- Figures are data: the README and the results page quote measured figures only from nbs/results/*.json
+FIGURE_PAGES = ('index.ipynb', '95_results.ipynb')
+_re_figure = re.compile(r'\d+(?:\.\d+)?\s?%|(?<![\w.\-])\d*\.\d+(?![\w.])')   # a decimal number or a percentage
+_re_not_prose = [re.compile(p, re.S) for p in (r'```.*?```', r'`[^`\n]*`', r'\]\([^)]*\)', r'<!--.*?-->',
+                                                 r'\b(?:Python|nbdev|fastai|torch) \d+(?:\.\d+)+')]   # code, link targets, comments, versions
+
+def typed_figures(md:str) -> list:
+    "The decimal numbers and percentages in markdown `md` outside code spans, code blocks, link targets and version numbers"
+    for r in _re_not_prose: md = r.sub(' ', md)
+    return _re_figure.findall(md)
+
+def _cells(page):
+    import json
+    return json.loads((ROOT/'nbs'/page).read_text())['cells']
+
+def test_typed_figures_check_is_not_vacuous():
+    assert typed_figures("BoostResNet reached 0.606 in 40% of the time, .5 and 12.5 %") == ['0.606', '40%', '.5', '12.5 %']
+    assert typed_figures("`t0=0.8`, ```sh\nfastboost-bench --lr 0.1\n``` [x](a/v0.2.html) Python 3.11, fastai 2.8.12, 5,000 images, 1e-3, ResNet-20") == []
+
+def test_no_figure_typed_by_hand():
+    "Measured figures come from the JSON (an `#|exec_doc` cell), never typed into the prose of the README or the results page"
+    typed = {(page, c['id']): f for page in FIGURE_PAGES for c in _cells(page)
+             if c['cell_type'] == 'markdown' and (f := typed_figures(''.join(c['source'])))}
+    assert not typed, f"figures typed by hand (quote them from nbs/results/*.json in an #|exec_doc cell, with fastboost.measured): {typed}"
+
+def test_quoted_figures_have_json_behind_them(monkeypatch):
+    """Every `#|exec_doc` cell of the README and the results page runs (each row and key it quotes exists in its JSON),
+    and a cell whose output shows a figure read it from a result"""
+    from IPython.display import Markdown
+    from fastboost.measured import Row
+    reads = [0]
+    get = dict.__getitem__
+    def counted(self, k): reads[0] += 1; return get(self, k)
+    monkeypatch.setattr(Row, '__getitem__', counted)
+    for page in FIGURE_PAGES:
+        ns, n = {}, 0
+        for c in _cells(page):
+            src = ''.join(c['source'])
+            if c['cell_type'] != 'code' or not re.search(r'^#\|\s*exec_doc', src, re.M): continue
+            reads[0], n = 0, n + 1
+            body = re.sub(r'^#\|.*\n?', '', src, flags=re.M)
+            stmts = ast.parse(body).body
+            last = stmts.pop() if stmts and isinstance(stmts[-1], ast.Expr) else None
+            try:
+                exec(compile(ast.Module(stmts, []), f'{page}:{c["id"]}', 'exec'), ns)
+                out = eval(compile(ast.Expression(last.value), f'{page}:{c["id"]}', 'eval'), ns) if last else None
+            except Exception as e: raise AssertionError(f"{page}, cell {c['id']}: a quoted figure has no JSON behind it: {type(e).__name__}: {e}") from e
+            text = out.data if isinstance(out, Markdown) else ''
+            assert reads[0] or not _re_figure.search(text), f"{page}, cell {c['id']} shows figures it did not read from nbs/results: {text[:300]}"
+        assert n, f'{page} quotes no figure from nbs/results'

@@ -4,22 +4,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+BENCH_CMD = 'pip install -e . && fastboost-bench'                  # install + the benchmark on its built-in data
+TEST_CMD = 'pip install -e ".[dev]" && nbdev-test && pytest'       # install + the tests, which .ci/run runs
+
 def readme_commands():
     "The shell commands of the README's fenced `sh` blocks, in order"
     return re.findall(r'```sh\n(.*?)\n```', (ROOT/'README.md').read_text(), flags=re.S)
 
-def test_readme_opens_with_two_commands():
+def _section(text, heading):
+    "The README's section under `## heading`, up to the next `## `"
+    start = text.index(f'\n## {heading}\n')
+    end = text.find('\n## ', start + 1)
+    return text[start: end if end > 0 else None]
+
+def test_readme_install_has_the_two_commands():
+    "The two set-up commands, word for word, in the install section: the benchmark first, then the tests"
     cmds = readme_commands()
-    assert len(cmds) >= 2
-    assert 'fastboost-bench' in cmds[0]
-    assert 'nbdev-test' in cmds[1] and 'pytest' in cmds[1]
-    # "opens with": both come before any other section than the title and summary
-    text = (ROOT/'README.md').read_text()
-    assert text.index(cmds[1]) < text.index('## Install')
+    assert BENCH_CMD in cmds and TEST_CMD in cmds, cmds
+    install = _section((ROOT/'README.md').read_text(), 'Install')
+    assert f'```sh\n{BENCH_CMD}\n```' in install and f'```sh\n{TEST_CMD}\n```' in install, install
+    assert install.index(BENCH_CMD) < install.index(TEST_CMD)
 
 def test_ci_runs_the_readme_test_command_verbatim():
     ci = (ROOT/'.ci/run').read_text().splitlines()
-    assert readme_commands()[1] in ci, "the README's test command and .ci/run differ: make them the same"
+    assert TEST_CMD in readme_commands() and TEST_CMD in ci, "the README's test command and .ci/run differ: make them the same"
 
 def test_readme_is_generated_from_index_notebook():
     r = subprocess.run([sys.executable, str(ROOT/'docs/offline.py'), 'check'], capture_output=True, text=True, cwd=ROOT)
