@@ -155,7 +155,7 @@ def _arm_snapshot(j:_Job):
     learn.fit(c['epochs'], c['lr'], cbs=cb)
     ens = [(m, _acc(*cb.get_preds(dl=None, last=m))) for m in range(1, n+1)]
     j.extra.update(snapshot_ensemble=ens, snapshot=_records(cb.report),
-                   snapshot_schedule=dict(n_cycles=n, first=cb.first, restart_lr=cb.restart_lr, warmup=cb.warmup))
+                   snapshot_schedule=dict(n_cycles=n, first=cb.first, restart_lr=cb._meta['restart_lr'], warmup=cb.warmup))
     j.row('snapshot', _acc(*cb.get_preds(dl=j.train_dl, last=1)), ens[0][1])
     cal = _import_cb('snapshot', 'snapshot', 'calibration_error')
     j.extra['snapshot_calibration'] = {f'ens{m}': dict(nll=_nll(p, t), ece=cal(p, t)) for m in (1, n) for p, t in [cb.get_preds(dl=None, last=m)]}
