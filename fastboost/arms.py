@@ -114,7 +114,8 @@ def _arm_boost(j:_Job):
     Boost = _import_cb(j.arms[0], 'boost', 'BoostResNetCallback')
     n_blocks = len(body_blocks(learn.model))
     learn.opt_func, learn.opt = _opt_func(c['block_opt']), None
-    cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False}[c['block_cache']], bn_samples=c['bn_samples'],
+    cb = Boost(loss='ce', cache={'auto': 'auto', 'on': True, 'off': False, 'disk': 'disk'}[c['block_cache']], bn_samples=c['bn_samples'],
+               cache_dtype=getattr(torch, c.get('block_cache_dtype') or 'float16'),
                head=_import_cb(j.arms[0], 'boost', _HEADS[c['block_head']]), sched=c['block_sched'], budget=c['block_budget'],
                cache_flip=c['block_cache_flip'])
     learn.fit(n_blocks * c['block_epochs'], c['block_lr'], cbs=cb)

@@ -85,8 +85,9 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--device', help="cpu or cuda (default: cuda when available)")
     a('--threads', type=int, help="torch CPU threads per arm (default: torch's; use 1 on a machine shared with other jobs)")
     a('--aug', action=argparse.BooleanOptionalAction, help="random pad-crop-flip for training (default: dataset)")
-    a('--block-cache', choices=['auto', 'on', 'off'], default='auto',
-      help="BoostResNet feature cache: auto = the callback's (cache when the features fit in a quarter of host memory); on = always cache; off = run the frozen prefix at every batch. Cached features are the un-augmented images': the block-wise phase then trains without augmentation")
+    a('--block-cache', choices=['auto', 'on', 'off', 'disk'], default='auto',
+      help="BoostResNet feature cache: auto = the callback's (in RAM when that at most doubles the process's memory, else in a memory-mapped file); on = always in RAM; disk = always in a memory-mapped file; off = run the frozen prefix at every batch. Cached features are the un-augmented images': the block-wise phase then trains without augmentation")
+    a('--block-cache-dtype', choices=['float16', 'bfloat16', 'float32'], default='float16', help="BoostResNet: dtype of the cached features")
     a('--fp16', action='store_true', help="mixed precision (GPU)")
     a('--compile', action='store_true', help="`torch.compile` the model in every job (`nn.Module.compile`: in place, the module and its weights' names stay)")
     a('--speed-check', type=int, metavar='N', help="time N training iterations of the e2e step through fastai (`learn.fit`, this loader) and through a plain "
