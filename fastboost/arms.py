@@ -128,11 +128,12 @@ def _arm_boost(j:_Job):
         j.row('boost+e2e')
 
 def _arm_freezeout(j:_Job):
-    "FreezeOut over the e2e budget: the paper's fixed schedule under `fit`, or `t0='auto'` under `fit_one_cycle`"
-    c = j.cfg
-    cb = _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')(t0=c['t0'], schedule=c['schedule'], scale_lr=c['scale_lr'],
-            frozen_bn=c['frozen_bn'], bn_samples=c['bn_samples'], **({} if c['tol'] is None else dict(tol=c['tol'])))
-    if c['t0'] == 'auto': j.learn.fit_one_cycle(c['epochs'], c['lr'], cbs=cb)
+    "FreezeOut over the e2e budget: the paper's fixed schedule under `fit`, `t0='auto'` (or, with --pretrained, its defaults) under `fit_one_cycle`"
+    c, FreezeOut = j.cfg, _import_cb('freezeout', 'freezeout', 'FreezeOutCallback')
+    if c.get('pretrained'): cb = FreezeOut()   # its defaults for a pretrained body, under the plain call's schedule
+    else: cb = FreezeOut(t0=c['t0'], schedule=c['schedule'], scale_lr=c['scale_lr'], frozen_bn=c['frozen_bn'],
+                         bn_samples=c['bn_samples'], **({} if c['tol'] is None else dict(tol=c['tol'])))
+    if c['t0'] == 'auto' or c.get('pretrained'): j.learn.fit_one_cycle(c['epochs'], c['lr'], cbs=cb)
     else: j.learn.fit(c['epochs'], c['lr'], cbs=cb)
     j.extra['freezeout'] = _records(cb.report)
     j.extra['freezeout_config'] = dict(t0=cb.t0, schedule=cb.schedule, scale_lr=cb.scaled, frozen_bn=cb.frozen_bn,
@@ -217,8 +218,12 @@ def run_job(
     try:
         set_seed(cfg['seed'])   # the same batch order, augmentation and initial weights in every job
         dls = tensor_dls(xt, yt, xv, yv, vocab=classes, bs=cfg['bs'], aug=cfg['aug'], device=dev)
-        learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
-        if cfg['stem'] == 'small': small_stem(learn.model)
+        if cfg.get('pretrained'):   # a transfer run: the checkpoint's body under a new head, all of it trained
+            from .pretrained import pretrained_learner
+            learn = pretrained_learner(dls, cfg['pretrained'], metrics=accuracy, opt_func=_opt_func(cfg['opt'])); learn.unfreeze()
+        else:
+            learn = vision_learner(dls, get_arch(cfg['arch']), pretrained=False, metrics=accuracy, opt_func=_opt_func(cfg['opt']))
+            if cfg['stem'] == 'small': small_stem(learn.model)
         if dev.startswith('cuda'):   # the GPU fast path; channels-last on CUDA only (on CPU it doubles backward time)
             torch.backends.cudnn.benchmark = True
             learn.model.to(memory_format=torch.channels_last)

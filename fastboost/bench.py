@@ -49,6 +49,9 @@ def bench_parser() -> argparse.ArgumentParser:
     a('--dataset', default='digits', choices=list(DATASET_DEFAULTS), help="digits ships with scikit-learn (offline); folder: your own images (--data)")
     a('--data', type=Path, help="dataset folder: cifar10 or folder in fastai's layout (train/<class>/, test/<class>/), svhn's .mat files")
     a('--arch', default='resnet50', help="torchvision or fastai XResNet name, timm:NAME or pytorchcv:NAME")
+    a('--pretrained', type=Path, metavar='CKPT', help="fine-tune from a CIFAR ResNet checkpoint (`fastboost.pretrained`) instead of training --arch from scratch: "
+      "the whole body unfrozen, FreezeOut at its defaults for a pretrained body under fit_one_cycle (its --t0/--schedule/--frozen-bn/--bn-samples options are not used), "
+      "the snapshots' restarts at half the peak; use --e2e-sched one_cycle for the plain call to compare with")
     a('--stem', choices=['imagenet', 'small'], help="small: `small_stem` (3x3 stride-1 first conv, no stem pooling), what CIFAR networks use (default: dataset)")
     a('--arms', type=_arms, default=list(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     a('--epochs', type=int, help="e2e epochs, also the FreezeOut and snapshot budget (default: dataset)")
@@ -147,6 +150,10 @@ def parse_args(
     if args.memory_cap is not None and (not args.memory_cap > 0 or not args.device.startswith('cuda')):
         raise BenchError("--memory-cap MB caps the CUDA allocator at MB > 0: it needs a GPU")
     if args.data is not None and not args.data.exists(): raise BenchError(f"--data {args.data} does not exist")
+    if args.pretrained is not None:
+        if not args.pretrained.is_file(): raise BenchError(f"--pretrained {args.pretrained}: no checkpoint there")
+        if given & {'arch', 'stem'}: raise BenchError("--pretrained brings its own architecture: leave out --arch and --stem")
+        if args.preset: raise BenchError("--pretrained is for a transfer run of your own: leave out --preset")
     if not 0 <= args.holdout < 1: raise BenchError(f"--holdout {args.holdout} is a fraction of the training images, in [0, 1)")
     if args.snap_paper and any(getattr(args, k) is not None for k in ('snap_first', 'snap_restart_lr', 'snap_warmup')):
         raise BenchError("--snap-paper is the paper's schedule: give it alone, or --snap-first/--snap-restart-lr/--snap-warmup without it")

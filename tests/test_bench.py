@@ -71,6 +71,7 @@ def test_tensor_memory_columns(tmp_path):
     (['--arms', 'e2e,bogus'], 'unknown arm(s) bogus'),
     (['--epochs', '0'], 'must be at least 1'),
     (['--t0', '1.5'], 'must be in (0, 1]'),
+    (['--pretrained', '/no/such/checkpoint.th'], 'no checkpoint there'),
 ])
 def test_bad_arguments(args, msg, capsys, tmp_path):
     from fastboost.bench import main
@@ -78,6 +79,31 @@ def test_bad_arguments(args, msg, capsys, tmp_path):
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path/'out').exists()   # nothing written for a run that never started
+
+def _checkpoint(path):
+    "A CIFAR ResNet-8 checkpoint in the third-party files' layout"
+    import torch
+    from fastboost.pretrained import cifar_resnet
+    torch.manual_seed(0); torch.save({'state_dict': cifar_resnet(8).state_dict()}, path)
+    return path
+
+def test_transfer_from_a_checkpoint(tmp_path):
+    "--pretrained: the arms fine-tune the checkpoint's network; FreezeOut runs at its defaults for a pretrained body under fit_one_cycle"
+    ck, out = _checkpoint(tmp_path/'r8.th'), tmp_path/'out'
+    r = subprocess.run(cli() + ['--pretrained', str(ck), '--size', '16', '--subset', '64', '--test-subset', '64', '--bs', '8', '--epochs', '2',
+                                '--threads', '1', '--e2e-sched', 'one_cycle', '--lr', '1e-2', '--arms', 'e2e,freezeout', '--out', str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads((out/'bench.json').read_text())
+    assert [row['arm'] for row in res['rows']] == ['e2e', 'freezeout'] and res['errors'] == {}
+    assert res['extra']['freezeout_config'] == dict(t0=0.1, schedule='linear', scale_lr=False, frozen_bn='eval')
+    fz = res['extra']['freezeout']   # ResNet-8: the stem and 3 units froze one after another, the first at a tenth of the fit
+    assert [b['block'] for b in fz] == ['Sequential'] + ['CifarBlock'] * 3 and [b['t_freeze'] for b in fz] == pytest.approx([0.1, 0.4, 0.7, 1.0])
+    assert [b['freeze_iter'] for b in fz] == sorted(b['freeze_iter'] for b in fz) and fz[0]['freeze_iter'] <= 2
+    with pytest.raises(SystemExit) as e:
+        from fastboost.bench import main
+        main(['--pretrained', str(ck), '--arch', 'resnet18', '--out', str(tmp_path/'o2')])
+    assert e.value.code == 2
 
 def test_bad_argument_exit_status_from_the_shell(tmp_path):
     r = subprocess.run(cli() + ['--arch', 'resnet5000'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
