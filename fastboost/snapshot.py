@@ -151,9 +151,9 @@ class SnapshotEnsembleCallback(Restores, Callback):
         ps, lr_fit = lr_schedule(learn), np.array([h['lr'] for h in learn.opt.hypers])
         sched = scheduled_lrs(ps, T, len(lr_fit)) if ps is not None else None
         ride = sched is not None and bool(restarts(sched[:, -1]))   # fit_sgdr: a snapshot at each of its restarts
-        if ride: lrs, ends = None, restarts(sched[:, -1]) + [T]
         rlr = ifnone(self.restart_lr, _RESTART_LR[bool(getattr(learn, 'pretrained', False))])   # vision_learner sets `pretrained`
-        if not ride: lrs, ends = snapshot_schedule(T, self.n_cycles, self.warmup, self.cycle_mult, self.first, rlr)  # may raise: nothing changed yet
+        if ride: lrs, ends = None, restarts(sched[:, -1]) + [T]
+        else: lrs, ends = snapshot_schedule(T, self.n_cycles, self.warmup, self.cycle_mult, self.first, rlr)  # may raise: nothing changed yet
         lr0 = peak_lrs(learn)   # each group's peak: what `fit` set, or the fit method's schedule's
         meta = dict(n_iter=T, iters_per_epoch=n_it, ends=[int(e) for e in ends], lr0=lr0.tolist(), restart_lr=None if ride else rlr)
         start = next((c._skip_to for c in learn.cbs if isinstance(c, SkipToEpoch)), 0) * n_it   # fit(..., start_epoch=)
