@@ -19,7 +19,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import get_model
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, LRFinder
-from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept
+from .blocks import body_blocks, block_splitter, exact_bn_stats, _rng_kept, _block_inputs
 from .boost import FeatureCache, _split_model, _random_tfms
 import warnings
 from .core import (check_alone, distributed_trainer, all_ranks, Restores, nonfinite, stop_fit, acts,
@@ -187,7 +187,7 @@ class FreezeOutCallback(Restores, Callback):
         timing:bool=True,      # time each training iteration to measure the speed-up
         frozen_bn:str=None,    # a frozen block's BatchNorm: 'batch' = batch statistics as in training, 'eval' = its running statistics (the paper) (default: 'batch', 'eval' with the cache)
         bn_samples:int=None,   # training images to recompute a freezing block's BatchNorm running statistics on (0: keep them, as the paper) (default: 2048, a pretrained body 256)
-        tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of its movement so far
+        tol:float=0.05,        # t0='auto': a block settles when the movement still ahead of it is below `tol` of the longest path a block has moved so far
         window:int=None,       # t0='auto': iterations between checks, and of each block's final anneal (default: 2% of training, at least 10)
         warmup:float=0.,       # fixed t0: fraction of training over which every learning rate rises linearly from 0 before its cosine
         cache:bool=None,       # from each epoch on, train on the frozen blocks' cached outputs instead of running them (needs frozen_bn='eval'; without the training set's random transforms) (default: False, a pretrained body True)
@@ -364,10 +364,18 @@ def _per_block_opt(self:FreezeOutCallback, lrn):
 @patch
 def _freeze_due(self:FreezeOutCallback, it):
     "Freeze every block whose freeze iteration has come by iteration `it`"
-    if self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= it:
-        self._check_finite()   # a block is frozen only with finite weights
-        while self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= it: self._freeze(self.n_frozen)
-        if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
+    due = lambda: self.n_frozen < len(self.blocks) and self.iters[self.n_frozen] <= it
+    if not due(): return
+    self._check_finite()   # a block is frozen only with finite weights
+    with _rng_kept():      # the fit's own random draws (batch order, dropout) as without the BatchNorm pass
+        xs = self._bn_inputs(it)   # blocks freezing together share one pass of the prefix
+        while due():
+            b = self.blocks[self.n_frozen]
+            if xs is not None: exact_bn_stats(b, b, xs)
+            self._freeze(self.n_frozen)
+            if xs is not None and due():
+                with torch.no_grad(): xs = [b(x) for x in xs]   # the next block's inputs: through this one as it now runs, frozen
+    if isinstance(self.learn.model, DistributedDataParallel) and self._dt is not None: self._rewrap()
 
 @patch
 def _check_finite(self:FreezeOutCallback):
@@ -391,7 +399,6 @@ def _frozen_mode(self:FreezeOutCallback, b):
 def _freeze(self:FreezeOutCallback, i):
     "Freeze block `i`: out of autograd and the optimizer's updates, BatchNorm statistics fixed"
     b = self.blocks[i]
-    if self.bn_samples: self._exact_bn(b)
     self._modes[i] = [(m, m.training) for m in b.modules()]
     if self.frozen_bn == 'batch':
         bns = [m for m in b.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
@@ -403,12 +410,14 @@ def _freeze(self:FreezeOutCallback, i):
     if self.auto: self.report.loc[i, 'freeze_iter'], self._w0 = self.it, None
 
 @patch
-def _exact_bn(self:FreezeOutCallback, b):
-    "Block `b`'s BatchNorm running statistics as the average over `bn_samples` training images, before it freezes"
+def _bn_inputs(self:FreezeOutCallback, it):
+    "The inputs of the first block due by iteration `it` on `bn_samples` training images, if a block due has BatchNorm statistics to recompute"
+    js = [j for j in range(self.n_frozen, len(self.blocks)) if self.iters[j] <= it]
+    if not self.bn_samples or not any(isinstance(m, _BatchNorm) and m.track_running_stats for j in js for m in self.blocks[j].modules()): return None
     dl = self.dls.train
     dl = getattr(dl, 'dl', dl) if type(dl).__name__ == 'DistributedDL' else dl   # each process its own batches
     batches = itertools.islice(dl.new(shuffle=True, drop_last=False), max(1, math.ceil(self.bn_samples/dl.bs)))
-    with _rng_kept(): exact_bn_stats(get_model(self._model), b, batches)   # the fit's own draws as without it
+    return list(_block_inputs(get_model(self._model), self.blocks[js[0]], batches))
 
 @patch
 def _rewrap(self:FreezeOutCallback):
@@ -594,12 +603,13 @@ def _auto_check(self:FreezeOutCallback):
     "Every `window` iterations: each free block's movement; the next blocks start their anneal if they have settled"
     k, n, T = self.it + 1, len(self.blocks), self.total_iters
     j0 = next((j for j, s in enumerate(self.anneal_iter) if s is None), n)   # the first block not yet annealing
-    left = np.full(n, np.nan)
+    ahead = np.full(n, np.nan)
     for j in range(j0, n):
         w = _flat(self.blocks[j]); d = ((w - self._prev[j]).norm() / w.norm().clamp_min(1e-12)).item()
         self._prev[j] = w; self._moved[j] += d
-        ahead = d / self._lr_sum * self._ahead[k] if self._lr_sum > 0 else 0.
-        left[j] = ahead / (ahead + self._moved[j]) if ahead + self._moved[j] > 0 else 1.
+        ahead[j] = d / self._lr_sum * self._ahead[k] if self._lr_sum > 0 else 0.
+    ref = self._moved.max()   # the longest path a block has moved: a block that moves little next to the others settles first
+    left = ahead / (ahead + ref) if ref > 0 else np.where(np.isnan(ahead), np.nan, 1.)
     self._lr_sum = 0.
     self.checks.append((k, left))
     for j in range(j0, n):   # in order; every process takes the same decision (one all-reduce per block started, plus one)
